@@ -1,0 +1,60 @@
+# Everything a fresh Debian/Ubuntu machine needs, then the thing you asked for.
+#   make demo   set up, then a short tour (python -m saferring info; python -m saferring demo)
+#   make test   set up, then lint, type-check and run the test suite
+#   make bench  set up, then the benchmarks
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP  := $(VENV)/.installed
+
+.PHONY: all demo test test-newest-python bench lint typecheck setup system-deps clean
+
+all: test
+
+system-deps:
+	@if ! echo '#include <liburing.h>' | cc -E -x c - >/dev/null 2>&1; then \
+	    echo "liburing-dev missing: installing it with apt-get"; \
+	    $(SUDO) apt-get update && $(SUDO) apt-get install -y liburing-dev pkg-config gcc; \
+	fi
+
+$(STAMP): pyproject.toml setup.py build_ffi.py src/saferring/_cffi_src/uring.h src/saferring/_cffi_src/uring.c src/saferring/_version.py
+	$(MAKE) system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m saferring info
+	$(PY) -m saferring demo
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks examples
+
+typecheck: setup
+	$(PY) -m mypy
+
+test: setup lint typecheck
+	$(PY) -m pytest -q tests
+	$(MAKE) test-newest-python
+
+# The core tests on the newest CPython this machine has (pyenv), in a venv of its own.
+test-newest-python: setup
+	@newest=$$(ls -d $$HOME/.pyenv/versions/3.* 2>/dev/null | sort -V | tail -n 1); \
+	if [ -z "$$newest" ]; then echo "no pyenv CPython found: skipping the newest-Python run"; exit 0; fi; \
+	v=$$(basename $$newest); \
+	if [ "$$($$newest/bin/python -c 'import sys; print(sys.version_info >= (3, 10))')" != True ]; then \
+	    echo "newest CPython $$v is older than 3.10: skipping"; exit 0; fi; \
+	echo "== core tests on CPython $$v =="; \
+	[ -x .venv-$$v/bin/python ] || $$newest/bin/python -m venv .venv-$$v; \
+	.venv-$$v/bin/python -m pip install -q '.[test]' && \
+	cd tests && ../.venv-$$v/bin/python -m pytest -q -p no:cacheprovider -m 'not slow' .
+
+bench: setup
+	$(PY) -m pytest -q benchmarks --benchmark-columns=median,ops --benchmark-sort=name
+
+clean:
+	rm -rf build dist src/*.egg-info src/saferring/_uring.c src/saferring/*.so src/saferring/*.o .venv .venv-3.*

@@ -1,0 +1,48 @@
+"""saferring: Linux io_uring for Python, through liburing, without memory-safety foot-guns.
+
+No sequence of calls to this public API can crash the interpreter or let the kernel write into
+memory Python has freed or reused: every operation pins what the kernel may touch until its final
+completion, and misuse raises a documented exception.  The raw liburing binding, which promises
+nothing, lives apart in :mod:`saferring.unsafe`.
+
+>>> import saferring
+>>> with saferring.Ring() as ring:
+...     ring.run(ring.nop())
+0
+"""
+
+from ._state import OpState
+from ._version import __version__
+from .errors import (
+    BufferBusyError,
+    ForkedRingError,
+    OperationCancelledError,
+    OperationStateError,
+    RingClosedError,
+    SaferRingError,
+    UnsupportedOperationError,
+    UnsupportedPlatformError,
+    WrongThreadError,
+)
+from .features import Features
+from .operation import Operation, StatxResult
+from .ring import Ring, RingStats
+
+__all__ = [
+    "BufferBusyError",
+    "Features",
+    "ForkedRingError",
+    "OpState",
+    "Operation",
+    "OperationCancelledError",
+    "OperationStateError",
+    "Ring",
+    "RingClosedError",
+    "RingStats",
+    "SaferRingError",
+    "StatxResult",
+    "UnsupportedOperationError",
+    "UnsupportedPlatformError",
+    "WrongThreadError",
+    "__version__",
+]

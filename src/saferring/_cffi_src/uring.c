@@ -1,0 +1,320 @@
+/*
+ * saferring's C hot path, compiled into saferring._uring by build_ffi.py.
+ *
+ * Python pays for every crossing into C (argument conversion, GIL release and re-acquire), so
+ * the work that happens once per operation is done here in one call each:
+ *   - sr_prep*: take an SQE (flushing the SQ to the kernel when it is full), fill it from the
+ *     kernel ABI, stamp its user_data.  Written against the ABI rather than liburing's prep
+ *     helpers so that ops newer than the installed liburing still work (the kernel's probe, not
+ *     the header, decides what exists).
+ *   - sr_reap: submit what is pending, wait for enough completions, and copy every available CQE
+ *     into three flat arrays the caller owns, advancing the CQ once.
+ *
+ * Nothing here allocates or frees memory the kernel may touch: the Python layer owns (pins) all
+ * of it and releases it only after the operation's final CQE has been copied out by sr_reap.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <string.h>
+#include <liburing.h>
+
+/* The installed liburing's version; build_ffi.py passes SR_LIBURING_VERSION_{MAJOR,MINOR} when it
+   could read them (pkg-config), liburing >= 2.4 also says so itself. */
+#if defined(IO_URING_VERSION_MAJOR)
+#define SR_LIBURING_VER_MAJOR IO_URING_VERSION_MAJOR
+#define SR_LIBURING_VER_MINOR IO_URING_VERSION_MINOR
+#elif defined(SR_LIBURING_VERSION_MAJOR)
+#define SR_LIBURING_VER_MAJOR SR_LIBURING_VERSION_MAJOR
+#define SR_LIBURING_VER_MINOR SR_LIBURING_VERSION_MINOR
+#else
+#define SR_LIBURING_VER_MAJOR 0
+#define SR_LIBURING_VER_MINOR 0
+#endif
+#define SR_LIBURING_AT_LEAST(maj, min) \
+    (SR_LIBURING_VER_MAJOR > (maj) || (SR_LIBURING_VER_MAJOR == (maj) && SR_LIBURING_VER_MINOR >= (min)))
+
+static const int SR_LIBURING_MAJOR = SR_LIBURING_VER_MAJOR;
+static const int SR_LIBURING_MINOR = SR_LIBURING_VER_MINOR;
+
+/* io_uring_get_events() arrived in liburing 2.3; before it, the same syscall by hand. */
+#if SR_LIBURING_AT_LEAST(2, 3)
+static const int SR_HAS_GET_EVENTS = 1;
+#else
+static const int SR_HAS_GET_EVENTS = 0;
+#endif
+#if SR_LIBURING_AT_LEAST(2, 2)
+static const int SR_HAS_REGISTER_RING_FD = 1;
+#else
+static const int SR_HAS_REGISTER_RING_FD = 0;
+#endif
+
+/* Kernel ABI values (stable forever once released); older headers may lack the names. */
+#ifndef IORING_SETUP_SUBMIT_ALL
+#define IORING_SETUP_SUBMIT_ALL (1U << 7)
+#endif
+#ifndef IORING_SETUP_COOP_TASKRUN
+#define IORING_SETUP_COOP_TASKRUN (1U << 8)
+#endif
+#ifndef IORING_SETUP_TASKRUN_FLAG
+#define IORING_SETUP_TASKRUN_FLAG (1U << 9)
+#endif
+#ifndef IORING_SETUP_SINGLE_ISSUER
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
+#endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#endif
+#ifndef IORING_SQ_TASKRUN
+#define IORING_SQ_TASKRUN (1U << 2)
+#endif
+static const unsigned SR_SETUP_SUBMIT_ALL = IORING_SETUP_SUBMIT_ALL;
+static const unsigned SR_SETUP_COOP_TASKRUN = IORING_SETUP_COOP_TASKRUN;
+static const unsigned SR_SETUP_TASKRUN_FLAG = IORING_SETUP_TASKRUN_FLAG;
+static const unsigned SR_SETUP_SINGLE_ISSUER = IORING_SETUP_SINGLE_ISSUER;
+static const unsigned SR_SETUP_DEFER_TASKRUN = IORING_SETUP_DEFER_TASKRUN;
+
+#ifndef SR_BUILD_STAMP
+#error "build_ffi.py defines SR_BUILD_STAMP (the package version this module was built for)"
+#endif
+
+typedef struct {
+    struct io_uring ring;
+    uint64_t prepared_ud;
+    uint64_t submitted_ud;
+    uint64_t n_submitted;
+    uint64_t n_reaped;
+    unsigned sq_entries;
+    unsigned cq_entries;
+    unsigned setup_flags;
+    unsigned features;
+    int initialized;
+    unsigned sq_mask;
+    unsigned last_head; /* SQ head (or flushed tail under SQPOLL) at the last accounting */
+} sr_ring;
+
+static const char *sr_build_stamp(void) { return SR_BUILD_STAMP; }
+
+static int sr_ring_init(sr_ring *r, unsigned entries, unsigned flags, unsigned sq_thread_idle,
+                        unsigned cq_entries)
+{
+    struct io_uring_params p;
+    int ret;
+
+    memset(r, 0, sizeof(*r));
+    memset(&p, 0, sizeof(p));
+    p.flags = flags;
+    p.sq_thread_idle = sq_thread_idle;
+    if (cq_entries) {
+        p.flags |= IORING_SETUP_CQSIZE;
+        p.cq_entries = cq_entries;
+    }
+    ret = io_uring_queue_init_params(entries, &r->ring, &p);
+    if (ret < 0)
+        return ret;
+    r->sq_entries = p.sq_entries;
+    r->cq_entries = p.cq_entries;
+    r->setup_flags = r->ring.flags;
+    r->features = p.features;
+    r->sq_mask = *r->ring.sq.kring_mask;
+    r->last_head = (r->ring.flags & IORING_SETUP_SQPOLL) ? *r->ring.sq.ktail : *r->ring.sq.khead;
+    r->initialized = 1;
+    return 0;
+}
+
+static void sr_ring_exit(sr_ring *r)
+{
+    if (r->initialized) {
+        io_uring_queue_exit(&r->ring);
+        r->initialized = 0;
+    }
+}
+
+/* Fill supported[op] with 1 for every opcode the running kernel's probe reports.  Returns the
+   number of opcodes the kernel knows (last_op + 1), or -errno when the kernel has no probe
+   (IORING_REGISTER_PROBE came in 5.6). */
+static int sr_probe(sr_ring *r, uint8_t *supported, unsigned n)
+{
+    struct io_uring_probe *probe = io_uring_get_probe_ring(&r->ring);
+    unsigned op, last;
+
+    if (!probe)
+        return -EOPNOTSUPP;
+    last = probe->last_op;
+    for (op = 0; op < n; op++)
+        supported[op] = (op <= last && op < probe->ops_len &&
+                         (probe->ops[op].flags & IO_URING_OP_SUPPORTED)) ? 1 : 0;
+    io_uring_free_probe(probe);
+    return (int)last + 1;
+}
+
+/* Record how far the kernel has consumed the SQ.  The kernel takes SQEs strictly in ring order and
+   user_data only grows, so "the newest SQE handed over" is a watermark: every op whose user_data is
+   at or below it has been submitted.  Reading the consumed slot is safe because nothing prepares a
+   new SQE between the submit and this call (the ring has a single owner thread). */
+static void sr_account(sr_ring *r)
+{
+    unsigned head, delta;
+    uint64_t ud;
+
+    if (r->ring.flags & IORING_SETUP_SQPOLL)
+        head = io_uring_smp_load_acquire(r->ring.sq.ktail); /* flushed = handed over */
+    else
+        head = io_uring_smp_load_acquire(r->ring.sq.khead);
+    delta = head - r->last_head;
+    if (!delta)
+        return;
+    r->last_head = head;
+    r->n_submitted += delta;
+    ud = r->ring.sq.sqes[(head - 1) & r->sq_mask].user_data;
+    /* liburing's own timeout SQE (old kernels, timed waits) is queued after all of ours. */
+    r->submitted_ud = (ud == LIBURING_UDATA_TIMEOUT) ? r->prepared_ud : ud;
+}
+
+static int sr_submit(sr_ring *r)
+{
+    int ret = io_uring_submit(&r->ring);
+    sr_account(r);
+    return ret;
+}
+
+/* An SQE, flushing a full SQ to the kernel first.  NULL with *err set when the kernel would not
+   take more (e.g. -EBUSY while its CQ overflow backlog is full): the caller reaps and retries. */
+static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    int ret;
+
+    if (sqe)
+        return sqe;
+    ret = sr_submit(r);
+    if (ret < 0) {
+        *err = ret;
+        return NULL;
+    }
+    if (r->ring.flags & IORING_SETUP_SQPOLL)
+        io_uring_sqring_wait(&r->ring);
+    sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe)
+        *err = -EBUSY;
+    return sqe;
+}
+
+int sr_prep_nop(sr_ring *r, uint64_t ud)
+{
+    int err = 0;
+    struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+
+    if (!sqe)
+        return err;
+    io_uring_prep_rw(IORING_OP_NOP, sqe, -1, NULL, 0, 0);
+    sqe->user_data = ud;
+    r->prepared_ud = ud;
+    return 0;
+}
+
+/* Any opcode from the kernel ABI.  op_flags lands in the per-op flags union (rw_flags,
+   fsync_flags, open_flags, statx_flags, timeout_flags, ...: one 32-bit field). */
+int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsigned len,
+            uint64_t off, unsigned op_flags, unsigned sqe_flags)
+{
+    int err = 0;
+    struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+
+    if (!sqe)
+        return err;
+    io_uring_prep_rw(opcode, sqe, fd, addr, len, off);
+    sqe->rw_flags = op_flags;
+    sqe->flags = (uint8_t)sqe_flags;
+    sqe->user_data = ud;
+    r->prepared_ud = ud;
+    return 0;
+}
+
+int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_flags)
+{
+    int err = 0;
+    struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+
+    if (!sqe)
+        return err;
+    io_uring_prep_rw(IORING_OP_ASYNC_CANCEL, sqe, -1, NULL, 0, 0);
+    sqe->addr = target;
+    sqe->cancel_flags = cancel_flags;
+    sqe->user_data = ud;
+    r->prepared_ud = ud;
+    return 0;
+}
+
+static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *res, uint32_t *flags)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0, n = 0;
+
+    io_uring_for_each_cqe(&r->ring, head, cqe) {
+        if (n == cap)
+            break;
+        seen++;
+        /* liburing's internal wait timeout (kernels without EXT_ARG) is not ours. */
+        if (cqe->user_data == LIBURING_UDATA_TIMEOUT)
+            continue;
+        ud[n] = cqe->user_data;
+        res[n] = cqe->res;
+        flags[n] = cqe->flags;
+        n++;
+    }
+    io_uring_cq_advance(&r->ring, seen);
+    r->n_reaped += n;
+    return n;
+}
+
+static inline int sr_cq_needs_flush(sr_ring *r)
+{
+    return IO_URING_READ_ONCE(*r->ring.sq.kflags) & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN);
+}
+
+static int sr_get_events(sr_ring *r)
+{
+#if SR_LIBURING_AT_LEAST(2, 3)
+    return io_uring_get_events(&r->ring);
+#else
+    return io_uring_enter(r->ring.ring_fd, 0, 0, IORING_ENTER_GETEVENTS, NULL);
+#endif
+}
+
+/* Submit pending SQEs, wait until at least wait_nr CQEs are ready (timeout_ns < 0: no limit), then
+   copy up to cap CQEs out.  Returns the number copied, or -errno when none were copied and the
+   wait failed (-ETIME: timed out, -EINTR: a signal arrived; Python runs its handler and retries). */
+int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
+            uint64_t *ud, int32_t *res, uint32_t *flags)
+{
+    int ret = 0;
+    unsigned n;
+
+    if (wait_nr && io_uring_cq_ready(&r->ring) >= wait_nr)
+        wait_nr = 0;
+    if (wait_nr) {
+        if (timeout_ns >= 0) {
+            struct __kernel_timespec ts;
+            struct io_uring_cqe *cqe = NULL;
+
+            ts.tv_sec = timeout_ns / 1000000000;
+            ts.tv_nsec = timeout_ns % 1000000000;
+            ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, wait_nr, &ts, NULL);
+        } else {
+            ret = io_uring_submit_and_wait(&r->ring, wait_nr);
+        }
+    } else if (io_uring_sq_ready(&r->ring)) {
+        ret = io_uring_submit(&r->ring);
+    }
+    sr_account(r);
+    n = sr_copy_cqes(r, cap, ud, res, flags);
+    if (n == 0 && sr_cq_needs_flush(r)) {
+        int ev = sr_get_events(r);
+        if (ev < 0 && ret >= 0)
+            ret = ev;
+        n = sr_copy_cqes(r, cap, ud, res, flags);
+    }
+    if (n)
+        return (int)n;
+    return ret < 0 ? ret : 0;
+}

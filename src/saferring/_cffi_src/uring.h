@@ -1,0 +1,147 @@
+/*
+ * The cdef of saferring._uring: what Python may call.
+ *
+ * build_ffi.py hands this file to ffi.cdef() as it is, so it holds only declarations cffi can
+ * parse (no #include, no #if).  "...;" asks the compiler for the real layout, so these partial
+ * struct declarations stay right on every liburing and kernel header version.
+ *
+ * Two groups:
+ *   - sr_*: saferring's own hot path (uring.c).  The safe layer uses only these.
+ *   - io_uring_*: plain liburing, one function each.  Only the raw/unsafe layer and the benchmarks'
+ *     "raw cffi" baseline use them; nothing here pins memory for you.
+ */
+
+/* ---- kernel ABI structs, partial ---- */
+struct iovec { void *iov_base; size_t iov_len; };
+struct __kernel_timespec { int64_t tv_sec; long long tv_nsec; };
+
+struct statx_timestamp { int64_t tv_sec; uint32_t tv_nsec; ...; };
+struct statx {
+    uint32_t stx_mask;
+    uint32_t stx_blksize;
+    uint64_t stx_attributes;
+    uint32_t stx_nlink;
+    uint32_t stx_uid;
+    uint32_t stx_gid;
+    uint16_t stx_mode;
+    uint64_t stx_ino;
+    uint64_t stx_size;
+    uint64_t stx_blocks;
+    uint64_t stx_attributes_mask;
+    struct statx_timestamp stx_atime;
+    struct statx_timestamp stx_btime;
+    struct statx_timestamp stx_ctime;
+    struct statx_timestamp stx_mtime;
+    uint32_t stx_rdev_major;
+    uint32_t stx_rdev_minor;
+    uint32_t stx_dev_major;
+    uint32_t stx_dev_minor;
+    ...;
+};
+
+struct io_uring_sqe { uint8_t opcode; uint8_t flags; uint16_t ioprio; int32_t fd;
+                      uint64_t off; uint64_t addr; uint32_t len; uint32_t rw_flags;
+                      uint64_t user_data; ...; };
+struct io_uring_cqe { uint64_t user_data; int32_t res; uint32_t flags; ...; };
+struct io_uring_params { uint32_t sq_entries; uint32_t cq_entries; uint32_t flags;
+                         uint32_t sq_thread_cpu; uint32_t sq_thread_idle; uint32_t features;
+                         uint32_t wq_fd; ...; };
+struct io_uring { unsigned flags; int ring_fd; unsigned features; ...; };
+struct io_uring_probe;
+
+/* ---- constants (values come from the headers at build time) ---- */
+#define IORING_SETUP_IOPOLL ...
+#define IORING_SETUP_SQPOLL ...
+#define IORING_SETUP_SQ_AFF ...
+#define IORING_SETUP_CQSIZE ...
+#define IORING_SETUP_CLAMP ...
+#define IORING_SETUP_ATTACH_WQ ...
+#define IORING_SETUP_R_DISABLED ...
+
+#define IORING_CQE_F_BUFFER ...
+#define IORING_CQE_F_MORE ...
+
+#define IORING_TIMEOUT_ABS ...
+#define IORING_FSYNC_DATASYNC ...
+#define AT_FDCWD ...
+#define AT_SYMLINK_NOFOLLOW ...
+#define AT_EMPTY_PATH ...
+#define STATX_BASIC_STATS ...
+#define STATX_BTIME ...
+#define IOV_MAX ...
+
+/* ---- saferring's hot path (uring.c) ---- */
+typedef struct {
+    struct io_uring ring;
+    uint64_t prepared_ud;   /* user_data of the newest SQE placed in the SQ */
+    uint64_t submitted_ud;  /* user_data of the newest SQE the kernel has been handed */
+    uint64_t n_submitted;   /* SQEs handed to the kernel, all time */
+    uint64_t n_reaped;      /* CQEs taken off the CQ, all time */
+    unsigned sq_entries;
+    unsigned cq_entries;
+    unsigned setup_flags;
+    unsigned features;
+    int initialized;
+    ...;
+} sr_ring;
+
+/* Setup flags the kernel added after 5.1; 0 when the build headers predate them (then the kernel
+   can't be asked for them through this build either). */
+static const unsigned SR_SETUP_SUBMIT_ALL;
+static const unsigned SR_SETUP_COOP_TASKRUN;
+static const unsigned SR_SETUP_TASKRUN_FLAG;
+static const unsigned SR_SETUP_SINGLE_ISSUER;
+static const unsigned SR_SETUP_DEFER_TASKRUN;
+static const int SR_HAS_GET_EVENTS;
+static const int SR_HAS_REGISTER_RING_FD;
+static const int SR_LIBURING_MAJOR;
+static const int SR_LIBURING_MINOR;
+
+const char *sr_build_stamp(void);
+int sr_ring_init(sr_ring *r, unsigned entries, unsigned flags, unsigned sq_thread_idle,
+                 unsigned cq_entries);
+void sr_ring_exit(sr_ring *r);
+int sr_probe(sr_ring *r, uint8_t *supported, unsigned n);
+
+int sr_prep_nop(sr_ring *r, uint64_t ud);
+int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsigned len,
+            uint64_t off, unsigned op_flags, unsigned sqe_flags);
+int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_flags);
+
+int sr_submit(sr_ring *r);
+int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
+            uint64_t *ud, int32_t *res, uint32_t *flags);
+
+/* ---- plain liburing (raw layer) ---- */
+int io_uring_queue_init(unsigned entries, struct io_uring *ring, unsigned flags);
+int io_uring_queue_init_params(unsigned entries, struct io_uring *ring, struct io_uring_params *p);
+void io_uring_queue_exit(struct io_uring *ring);
+struct io_uring_sqe *io_uring_get_sqe(struct io_uring *ring);
+void io_uring_sqe_set_data64(struct io_uring_sqe *sqe, uint64_t data);
+void io_uring_sqe_set_flags(struct io_uring_sqe *sqe, unsigned flags);
+void io_uring_prep_rw(int op, struct io_uring_sqe *sqe, int fd, const void *addr, unsigned len,
+                      uint64_t offset);
+void io_uring_prep_nop(struct io_uring_sqe *sqe);
+void io_uring_prep_read(struct io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes,
+                        uint64_t offset);
+void io_uring_prep_write(struct io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes,
+                         uint64_t offset);
+void io_uring_prep_readv(struct io_uring_sqe *sqe, int fd, const struct iovec *iovecs,
+                         unsigned nr_vecs, uint64_t offset);
+void io_uring_prep_writev(struct io_uring_sqe *sqe, int fd, const struct iovec *iovecs,
+                          unsigned nr_vecs, uint64_t offset);
+void io_uring_prep_fsync(struct io_uring_sqe *sqe, int fd, unsigned fsync_flags);
+void io_uring_prep_timeout(struct io_uring_sqe *sqe, struct __kernel_timespec *ts,
+                           unsigned count, unsigned flags);
+int io_uring_submit(struct io_uring *ring);
+int io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
+int io_uring_wait_cqe(struct io_uring *ring, struct io_uring_cqe **cqe_ptr);
+int io_uring_peek_cqe(struct io_uring *ring, struct io_uring_cqe **cqe_ptr);
+unsigned io_uring_peek_batch_cqe(struct io_uring *ring, struct io_uring_cqe **cqes, unsigned count);
+void io_uring_cq_advance(struct io_uring *ring, unsigned nr);
+void io_uring_cqe_seen(struct io_uring *ring, struct io_uring_cqe *cqe);
+unsigned io_uring_cq_ready(const struct io_uring *ring);
+unsigned io_uring_sq_ready(const struct io_uring *ring);
+struct io_uring_probe *io_uring_get_probe_ring(struct io_uring *ring);
+void io_uring_free_probe(struct io_uring_probe *probe);
+int io_uring_opcode_supported(const struct io_uring_probe *p, int op);

@@ -1,0 +1,97 @@
+"""Turning caller objects into memory the kernel may use, and keeping that memory alive.
+
+Every helper returns a cffi object that *is* the pin: a ``from_buffer`` cdata holds a buffer export
+of the caller's object for as long as it lives (so a ``bytearray`` cannot be resized, an ``mmap``
+cannot be closed or resized, an ``array`` cannot grow, and a ``memoryview`` cannot be released),
+and an ``ffi.new`` cdata owns its C memory.  The ring keeps these objects in the operation's
+``_pins`` until the final CQE, then drops them, which releases the export or frees the memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from ._binding import ffi
+
+_from_buffer = ffi.from_buffer if ffi is not None else None
+MAX_LEN = 0xFFFF_FFFF  # the SQE's len field is 32 bits
+
+
+def writable(obj: Any) -> Any:
+    """Pin a buffer the kernel will write into; ``TypeError`` unless it is writable and contiguous."""
+    try:
+        return _from_buffer(obj, require_writable=True)  # type: ignore[misc]
+    except (TypeError, BufferError) as exc:
+        raise TypeError(
+            "a read target must be a writable, C-contiguous buffer (bytearray, memoryview of "
+            f"one, mmap, array.array...); got {type(obj).__name__}: {exc}"
+        ) from None
+
+
+def readable(obj: Any) -> Any:
+    """Pin a buffer the kernel will read from; ``TypeError`` unless it is a contiguous bytes-like."""
+    try:
+        return _from_buffer(obj)  # type: ignore[misc]
+    except (TypeError, BufferError) as exc:
+        raise TypeError(
+            "data to write must be a C-contiguous bytes-like object (bytes, bytearray, "
+            f"memoryview, mmap, array.array...); got {type(obj).__name__}: {exc}"
+        ) from None
+
+
+def check_len(n: int) -> int:
+    if n > MAX_LEN:
+        raise ValueError(f"a single io_uring request moves at most {MAX_LEN} bytes; got {n}")
+    return n
+
+
+def iovecs(buffers: Any, pin: Any) -> tuple[Any, list[Any], int]:
+    """Pin each buffer with ``pin`` and build a C iovec array over them.
+
+    Returns (iovec array, the buffer pins, total bytes).  Both the array and the buffer pins
+    must stay alive until the final CQE: the kernel reads the array itself after submission
+    (asynchronously for requests punted to io-wq, before 5.5 even in the inline path).
+    """
+    try:
+        items = list(buffers)
+    except TypeError:
+        raise TypeError(f"expected a sequence of buffers, got {type(buffers).__name__}") from None
+    if not items:
+        raise ValueError("readv/writev need at least one buffer")
+    limit = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+    if len(items) > limit:
+        raise ValueError(f"at most {limit} buffers per request (IOV_MAX); got {len(items)}")
+    pins = [pin(b) for b in items]
+    vec = ffi.new("struct iovec[]", len(pins))
+    total = 0
+    for i, p in enumerate(pins):
+        vec[i].iov_base = p
+        size = len(p)
+        vec[i].iov_len = size
+        total += size
+    return vec, pins, total
+
+
+def path(value: Any) -> tuple[Any, bytes]:
+    """A NUL-terminated C copy of a path (str, bytes or os.PathLike), like the ``os`` module takes."""
+    raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise ValueError("embedded null byte in path")
+    return ffi.new("char[]", raw), raw
+
+
+def timespec(seconds: float) -> Any:
+    """A ``struct __kernel_timespec`` for a non-negative, finite number of seconds."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        raise TypeError(f"seconds must be a number, got {type(seconds).__name__}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"seconds must be finite and >= 0, got {seconds!r}")
+    ts = ffi.new("struct __kernel_timespec *")
+    whole = int(value)
+    ts.tv_sec = whole
+    ts.tv_nsec = min(round((value - whole) * 1e9), 999_999_999)
+    return ts

@@ -1,0 +1,95 @@
+"""saferring's exceptions, and the one path that turns a kernel error code into an exception.
+
+Two families:
+
+* **Kernel outcomes** are plain :class:`OSError` built from the errno, so Python's own subclasses
+  apply (``FileNotFoundError``, ``BlockingIOError``, ``ConnectionResetError``...).  A failed CQE and
+  a failed ``io_uring_setup`` both go through :func:`os_error`.
+* **Library misuse or limits** are subclasses of :class:`SaferRingError`, which is never raised
+  itself: catch it to catch "saferring refused to do that".
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class SaferRingError(Exception):
+    """Base class of every exception saferring raises for misuse or missing support.
+
+    Never raised directly.
+    """
+
+
+class UnsupportedPlatformError(SaferRingError):
+    """io_uring cannot be used here: not Linux, or the compiled extension is missing."""
+
+
+class UnsupportedOperationError(SaferRingError):
+    """The running kernel (or the liburing saferring was built with) lacks an operation or flag.
+
+    The message names the operation and the kernel version that brought it.
+    """
+
+
+class RingClosedError(SaferRingError):
+    """The ring was closed; nothing more can be submitted, waited for or cancelled on it."""
+
+
+class ForkedRingError(SaferRingError):
+    """The ring belongs to the parent process: a forked child may not touch it.
+
+    io_uring's queues are shared memory with the kernel; a child writing to them would corrupt
+    the parent's ring.  Create a new :class:`~saferring.Ring` in the child instead.
+    """
+
+
+class WrongThreadError(SaferRingError):
+    """The ring was used from a thread other than the one that created it.
+
+    liburing's queues are single-producer, single-consumer and saferring does not lock them; see
+    ``docs/design.md`` ("Threads") for why a ring has one owner thread.
+    """
+
+
+class OperationStateError(SaferRingError):
+    """The operation is not in a state that allows what was asked (see :class:`~saferring.OpState`)."""
+
+
+class BufferBusyError(SaferRingError, BufferError):
+    """A buffer is owned by the kernel (an operation using it is in flight) and cannot be touched."""
+
+
+class OperationCancelledError(SaferRingError, OSError):
+    """The operation ended because it was cancelled (its CQE carried ``-ECANCELED``/``-EINTR``).
+
+    Also an :class:`OSError` whose ``errno`` is the CQE's error code.
+    """
+
+
+def os_error(code: int, what: str | None = None) -> OSError:
+    """Return the :class:`OSError` (subclass chosen by Python from ``code``) for a positive errno."""
+    message = os.strerror(code)
+    if what:
+        return OSError(code, f"{message} ({what})")
+    return OSError(code, message)
+
+
+def cancelled_error(code: int, what: str) -> OperationCancelledError:
+    """Return the exception for an operation that ended with a cancellation errno."""
+    return OperationCancelledError(code, f"{os.strerror(code)} ({what} was cancelled)")
+
+
+__all__ = [
+    "BufferBusyError",
+    "ForkedRingError",
+    "OperationCancelledError",
+    "OperationStateError",
+    "RingClosedError",
+    "SaferRingError",
+    "UnsupportedOperationError",
+    "UnsupportedPlatformError",
+    "WrongThreadError",
+    "cancelled_error",
+    "os_error",
+]

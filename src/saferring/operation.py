@@ -1,0 +1,323 @@
+"""Operations: one submitted io_uring request each, with the memory it pins and its outcome.
+
+An :class:`Operation` is created by a :class:`~saferring.Ring` method (``ring.read(...)``) and is
+recorded in that ring's registry under its user_data until its final CQE.  While it is there it
+holds, in ``_pins``, every object the kernel may read or write for it: the exported user buffer
+(a cffi ``from_buffer`` view, which keeps a buffer export open so a ``bytearray`` cannot be resized
+and an ``mmap`` cannot be closed), iovec arrays, C copies of paths, timespecs.  The ring drops
+``_pins`` only when it has copied that final CQE out of the completion queue.
+
+The life cycle is the table in ``_state.py``; the completion path lives in ``Ring._dispatch``
+because it is the hottest loop in the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from ._state import ALLOWED, CANCELLED, COMPLETED, FAILED, QUEUED, SUBMITTED, Action, OpState
+from .errors import OperationStateError, cancelled_error, os_error
+
+if TYPE_CHECKING:
+    from .ring import Ring
+
+T = TypeVar("T")
+
+
+class Operation(Generic[T]):
+    """One io_uring request.  Created by :class:`~saferring.Ring` methods, never directly.
+
+    ``state`` tells where it is (:class:`~saferring.OpState`), ``done()`` whether its final CQE
+    arrived, ``result()`` returns the outcome or raises it, ``cancel()`` asks the kernel to cancel.
+    ``user_data`` is the 64-bit tag the kernel echoes back; it is unique for the ring's lifetime.
+    """
+
+    __slots__ = ("__weakref__", "_cancel_asked", "_nbytes", "_pins", "_res", "_ring", "_state",
+                 "user_data")
+
+    #: The operation's name in messages (the kernel opcode, lower case).
+    kind: ClassVar[str] = "nop"
+    #: Negative results that mean success for this kind (e.g. ``ETIME`` for a timeout).
+    _ok_errnos: ClassVar[frozenset[int]] = frozenset()
+
+    def __init__(self, ring: Ring, pins: object, nbytes: int) -> None:
+        self._ring = ring
+        self._pins = pins
+        self._nbytes = nbytes
+        self._res: int | None = None
+        self._state = QUEUED
+        self._cancel_asked = False
+        self.user_data = 0
+
+    # -- what the ring calls ---------------------------------------------------------------
+
+    def _final_state(self, res: int) -> OpState:
+        """The terminal state for a final CQE with ``res < 0`` (the ``res >= 0`` case is inlined)."""
+        code = -res
+        if code in self._ok_errnos:
+            return COMPLETED
+        if code == errno.ECANCELED or (code == errno.EINTR and self._cancel_asked):
+            return CANCELLED
+        return FAILED
+
+    def _value(self, res: int) -> T:
+        """Turn a successful ``res`` into the value ``result()`` returns."""
+        return res  # type: ignore[return-value]  # subclasses with other T override this
+
+    def _what(self) -> str:
+        return f"{self.kind}, user_data={self.user_data}"
+
+    def _filename(self) -> Any:
+        return None
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> OpState:
+        """The operation's :class:`~saferring.OpState`."""
+        state = self._state
+        if state is QUEUED and self.user_data <= self._ring._submitted_watermark():
+            self._state = state = SUBMITTED
+        return state
+
+    def done(self) -> bool:
+        """True once the final CQE has arrived (the operation is completed, failed or cancelled)."""
+        return self._res is not None
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True if :meth:`cancel` was called (or ``Ring.close()`` cancelled it)."""
+        return self._cancel_asked
+
+    def result(self) -> T:
+        """Return the operation's value, or raise its error.
+
+        Raises :class:`OSError` (Python picks the subclass from the errno: ``FileNotFoundError``...)
+        if the kernel reported an error, :class:`~saferring.OperationCancelledError` if it was
+        cancelled, and :class:`~saferring.OperationStateError` if it has not finished yet.
+        """
+        state = self._state
+        if state is COMPLETED:
+            return self._value(self._res)  # type: ignore[arg-type]  # set with the state
+        if state not in ALLOWED[Action.RESULT]:
+            raise OperationStateError(
+                f"result() needs a finished operation, but {self._what()} is "
+                f"{self.state.value}; wait for it with ring.wait() or ring.run(op)"
+            )
+        code = -self._res  # type: ignore[operator]  # terminal states always carry res
+        if state is CANCELLED:
+            raise cancelled_error(code, self._what())
+        exc = os_error(code, self._what())
+        filename = self._filename()
+        if filename is not None:
+            exc.filename = filename
+        raise exc
+
+    def cancel(self) -> None:
+        """Ask the kernel to cancel this operation (an ``IORING_OP_ASYNC_CANCEL`` request).
+
+        Returns at once.  The operation still ends with its own final CQE: ``CANCELLED`` if the
+        cancel won, or ``COMPLETED``/``FAILED`` if the kernel finished it first.  Its buffers stay
+        pinned until then.  Raises :class:`~saferring.OperationStateError` if it already finished
+        or was already asked to cancel, :class:`~saferring.RingClosedError` after ``ring.close()``.
+        """
+        self._ring._cancel(self)
+
+    def __repr__(self) -> str:
+        res = "" if self._res is None else f" res={self._res}"
+        return f"<{type(self).__name__} {self.kind} user_data={self.user_data} {self.state.value}{res}>"
+
+
+class IntOperation(Operation[int]):
+    """An operation whose result is the CQE's non-negative ``res`` (a byte count, 0...)."""
+
+    __slots__ = ()
+
+
+class NopOperation(IntOperation):
+    """``IORING_OP_NOP``: completes with 0."""
+
+    __slots__ = ()
+
+
+class ReadOperation(IntOperation):
+    """A read: the result is the number of bytes the kernel placed in the buffer."""
+
+    __slots__ = ()
+    kind = "read"
+
+
+class ReadvOperation(IntOperation):
+    """A vectored read: the result is the total number of bytes read."""
+
+    __slots__ = ()
+    kind = "readv"
+
+
+class WriteOperation(IntOperation):
+    """A write: the result is the number of bytes written."""
+
+    __slots__ = ()
+    kind = "write"
+
+
+class WritevOperation(IntOperation):
+    """A vectored write: the result is the total number of bytes written."""
+
+    __slots__ = ()
+    kind = "writev"
+
+
+class FsyncOperation(IntOperation):
+    """``fsync``/``fdatasync``: the result is 0."""
+
+    __slots__ = ()
+    kind = "fsync"
+
+
+class CloseOperation(IntOperation):
+    """``close``: the result is 0."""
+
+    __slots__ = ()
+    kind = "close"
+
+
+class OpenOperation(IntOperation):
+    """``openat``: the result is the new file descriptor, which the caller then owns.
+
+    If the operation is garbage-collected with a successfully opened descriptor that nobody
+    asked for through :meth:`result`, that descriptor is closed, so an abandoned open (for
+    example one whose cancel lost the race) does not leak it.
+    """
+
+    __slots__ = ("_claimed", "_path")
+    kind = "openat"
+
+    def __init__(self, ring: Ring, pins: object, nbytes: int, path: Any) -> None:
+        super().__init__(ring, pins, nbytes)
+        self._path = path
+        self._claimed = False
+
+    def _value(self, res: int) -> int:
+        self._claimed = True
+        return res
+
+    def _filename(self) -> Any:
+        return self._path
+
+    def __del__(self) -> None:
+        if self._state is COMPLETED and not self._claimed and self._res is not None:
+            try:
+                os.close(self._res)
+            except OSError:
+                pass
+
+
+class TimeoutOperation(Operation[None]):
+    """``IORING_OP_TIMEOUT``: completes (result ``None``) when the time has passed."""
+
+    __slots__ = ()
+    kind = "timeout"
+    _ok_errnos = frozenset({errno.ETIME})
+
+    def _value(self, res: int) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class StatxResult:
+    """What ``statx`` reported, with the field names of :func:`os.stat_result`.
+
+    ``st_birthtime``/``st_birthtime_ns`` are ``None`` when the filesystem does not record
+    creation time.  ``stx_mask`` is the kernel's mask of which fields are valid.
+    """
+
+    st_mode: int
+    st_ino: int
+    st_dev: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_atime: float
+    st_mtime: float
+    st_ctime: float
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    st_birthtime: float | None
+    st_birthtime_ns: int | None
+    st_blocks: int
+    st_blksize: int
+    st_rdev: int
+    st_attributes: int
+    stx_mask: int
+
+
+_STATX_BTIME = 0x800
+
+
+def _ns(ts: Any) -> int:
+    return int(ts.tv_sec) * 1_000_000_000 + int(ts.tv_nsec)
+
+
+class StatxOperation(Operation[StatxResult]):
+    """``statx``: the result is a :class:`StatxResult`."""
+
+    __slots__ = ("_out", "_path")
+    kind = "statx"
+
+    def __init__(self, ring: Ring, pins: object, nbytes: int, out: Any, path: Any) -> None:
+        super().__init__(ring, pins, nbytes)
+        # The statx buffer is pinned through _pins like everything else; _out keeps it readable
+        # after the final CQE released the pins (the kernel is done with it by then).
+        self._out = out
+        self._path = path
+
+    def _filename(self) -> Any:
+        return self._path
+
+    def _value(self, res: int) -> StatxResult:
+        s = self._out
+        atime, mtime, ctime = _ns(s.stx_atime), _ns(s.stx_mtime), _ns(s.stx_ctime)
+        btime = _ns(s.stx_btime) if s.stx_mask & _STATX_BTIME else None
+        return StatxResult(
+            st_mode=int(s.stx_mode),
+            st_ino=int(s.stx_ino),
+            st_dev=os.makedev(s.stx_dev_major, s.stx_dev_minor),
+            st_nlink=int(s.stx_nlink),
+            st_uid=int(s.stx_uid),
+            st_gid=int(s.stx_gid),
+            st_size=int(s.stx_size),
+            st_atime=atime / 1e9,
+            st_mtime=mtime / 1e9,
+            st_ctime=ctime / 1e9,
+            st_atime_ns=atime,
+            st_mtime_ns=mtime,
+            st_ctime_ns=ctime,
+            st_birthtime=None if btime is None else btime / 1e9,
+            st_birthtime_ns=btime,
+            st_blocks=int(s.stx_blocks),
+            st_blksize=int(s.stx_blksize),
+            st_rdev=os.makedev(s.stx_rdev_major, s.stx_rdev_minor),
+            st_attributes=int(s.stx_attributes),
+            stx_mask=int(s.stx_mask),
+        )
+
+
+class CancelRequest:
+    """The ring's own ``ASYNC_CANCEL`` request for one target operation (never returned to users).
+
+    Its CQE says how the request went: 0 (found and cancelled), ``-EALREADY`` (already running,
+    the kernel will try to interrupt it) or ``-ENOENT`` (not found: it completed, or never started).
+    Either way the target's own final CQE is what releases the target's pins.
+    """
+
+    __slots__ = ("res", "target")
+
+    def __init__(self, target: Operation[Any]) -> None:
+        self.target = target
+        self.res: int | None = None

@@ -1,0 +1,770 @@
+"""The safe ring: submission, completion and the registry that keeps kernel-visible memory alive.
+
+How the registry keeps the promise
+----------------------------------
+io_uring is asynchronous in the strongest sense: once an SQE is handed over, the kernel may read
+or write the memory it points to at any later moment, from another context (an io-wq worker, task
+work, a softirq completing a socket read), until it posts that request's *final* CQE.  Nothing in
+between is a safe point: not a successful ``ASYNC_CANCEL`` (it only means the target's own CQE is
+coming, liburing#733), not closing the file descriptor, not even closing the ring (the kernel
+tears requests down in a workqueue after ``close(ring_fd)`` returns).
+
+So every operation is stored in ``Ring._registry`` under its user_data *before* its SQE is
+written, together with every object that owns memory the kernel may touch.  The only code that
+removes an entry is the completion path (``_dispatch``), and only for a final CQE (one without
+``IORING_CQE_F_MORE``).  Everything else follows from that one rule:
+
+* a caller dropping the operation or the buffer changes nothing: the registry still holds them;
+* an exception or a cancelled task between submit and completion changes nothing either;
+* ``close()`` cancels whatever is in flight and reaps until the registry is empty, and only then
+  unmaps the ring;
+* a ring that is garbage-collected unclosed does the same from its finaliser; if it cannot (the
+  kernel refuses a foreign thread on a single-issuer ring), the ring and everything it pins are
+  kept alive deliberately, forever, rather than freed under the kernel.
+
+Threads and fork
+----------------
+liburing's queues are single-producer/single-consumer memory shared with the kernel, and every
+cffi call releases the GIL, so two threads inside the same ring would corrupt it.  Rather than take
+a lock on every operation (and block submitters behind a sleeping ``wait()``), a ring belongs to
+the thread that created it; any other thread gets :class:`WrongThreadError`.  A forked child gets
+:class:`ForkedRingError`: the queues are shared with the parent, so the child may only drop its
+copy (``close()``, which touches nothing shared).
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from . import _pinning
+from ._binding import LIBURING_VERSION, UNAVAILABLE_REASON, ffi, lib
+from ._state import COMPLETED
+from .errors import (
+    ForkedRingError,
+    OperationStateError,
+    RingClosedError,
+    UnsupportedOperationError,
+    UnsupportedPlatformError,
+    WrongThreadError,
+    os_error,
+)
+from .features import OP, Features, build_features, opcode_name, since, supported_table
+from .operation import (
+    CancelRequest,
+    CloseOperation,
+    FsyncOperation,
+    NopOperation,
+    OpenOperation,
+    Operation,
+    ReadOperation,
+    ReadvOperation,
+    StatxOperation,
+    StatxResult,
+    TimeoutOperation,
+    WriteOperation,
+    WritevOperation,
+)
+
+_get_ident = threading.get_ident
+_F_MORE = 1 << 1  # IORING_CQE_F_MORE: more CQEs will follow for this user_data
+_M64 = (1 << 64) - 1
+_NO_OWNER = -1  # _owner of a ring that is closed or belongs to a parent process
+_RETRYABLE = frozenset({errno.EBUSY, errno.EAGAIN, errno.EINTR, errno.ETIME})
+_MAX_ENTRIES = 32768  # IORING_MAX_ENTRIES
+_MAX_CQ_ENTRIES = 2 * _MAX_ENTRIES  # IORING_MAX_CQ_ENTRIES
+_RECANCEL_SECONDS = 1.0  # close(): how often to repeat cancels for ops that have not ended
+
+_OP_READ, _OP_WRITE = OP["READ"], OP["WRITE"]
+_OP_READV, _OP_WRITEV = OP["READV"], OP["WRITEV"]
+_OP_FSYNC, _OP_OPENAT, _OP_CLOSE = OP["FSYNC"], OP["OPENAT"], OP["CLOSE"]
+_OP_STATX, _OP_TIMEOUT, _OP_CANCEL = OP["STATX"], OP["TIMEOUT"], OP["ASYNC_CANCEL"]
+
+# Every ring alive in this process: the fork hook and the exit hook visit them.
+_live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
+# Rings that could not be drained (see module docstring): never freed.
+_graveyard: list[Ring] = []
+
+
+class RingStats(NamedTuple):
+    """Counters of one ring, from :meth:`Ring.stats`."""
+
+    in_flight: int
+    """Operations submitted or queued whose final CQE has not arrived."""
+    pinned_bytes: int
+    """Bytes of memory (buffers, iovecs, paths, ...) held for the kernel right now."""
+    submitted: int
+    """SQEs handed to the kernel since the ring was created (including saferring's cancels)."""
+    completed: int
+    """CQEs reaped since the ring was created."""
+
+
+class Ring:
+    """A safe io_uring instance.
+
+    ``entries`` is the submission queue size (rounded up to a power of two by the kernel); the
+    completion queue is twice that unless ``cq_entries`` says otherwise.  ``sqpoll`` starts a
+    kernel thread that polls the SQ (``sq_thread_idle`` milliseconds before it sleeps);
+    ``single_issuer``, ``coop_taskrun`` and ``defer_taskrun`` pass the matching
+    ``IORING_SETUP_*`` flags (``defer_taskrun`` needs ``single_issuer``).  A flag the kernel lacks
+    raises :class:`UnsupportedOperationError` naming it.
+
+    Every method that prepares an operation returns an :class:`Operation` whose SQE is queued;
+    :meth:`submit`, :meth:`wait` and :meth:`run` hand queued SQEs to the kernel.  Use the ring as
+    a context manager, or call :meth:`close`; a ring belongs to the thread that created it.
+    """
+
+    __slots__ = ("__weakref__", "_busy", "_c", "_closed", "_cq_flags", "_cq_res", "_cq_size",
+                 "_cq_ud", "_features", "_forked", "_internal", "_next_ud", "_owner", "_ready",
+                 "_registry", "_sup")
+
+    def __init__(
+        self,
+        entries: int = 256,
+        *,
+        sqpoll: bool = False,
+        sq_thread_idle: int | None = None,
+        single_issuer: bool = False,
+        coop_taskrun: bool = False,
+        defer_taskrun: bool = False,
+        cq_entries: int | None = None,
+    ) -> None:
+        # Safe defaults first: if anything below raises, __del__ finds a closed ring.
+        self._closed = True
+        self._owner = _NO_OWNER
+        self._forked = False
+        self._busy = False
+        self._registry: dict[int, Operation[Any]] = {}
+        self._internal: dict[int, CancelRequest] = {}
+        self._ready: list[Operation[Any]] = []
+        if lib is None:
+            raise UnsupportedPlatformError(f"saferring cannot create a Ring: {UNAVAILABLE_REASON}")
+
+        requested = _setup_flags(entries, sqpoll, sq_thread_idle, single_issuer, coop_taskrun,
+                                 defer_taskrun, cq_entries)
+        flags = 0
+        for _name, bit in requested:
+            flags |= bit
+        c = ffi.new("sr_ring *")
+        rc = lib.sr_ring_init(c, entries, flags, sq_thread_idle or 0, cq_entries or 0)
+        if rc < 0:
+            raise _setup_error(-rc, entries, requested, sq_thread_idle, cq_entries)
+        self._c = c
+        self._closed = False
+        self._owner = _get_ident()
+        self._next_ud = 1
+        self._cq_size = int(c.cq_entries)
+        self._cq_ud = ffi.new("uint64_t[]", self._cq_size)
+        self._cq_res = ffi.new("int32_t[]", self._cq_size)
+        self._cq_flags = ffi.new("uint32_t[]", self._cq_size)
+
+        probe = ffi.new("uint8_t[]", 256)
+        known = lib.sr_probe(c, probe, 256)
+        supported = bytes(ffi.buffer(probe, 256)) if known >= 0 else None
+        self._sup = supported_table(supported)
+        self._features = build_features(
+            supported, max(known, 0), int(c.features), int(c.setup_flags),
+            int(c.sq_entries), self._cq_size, LIBURING_VERSION,
+        )
+        _live_rings.add(self)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` finished (or in a forked child, once it dropped its copy)."""
+        return self._closed
+
+    @property
+    def fd(self) -> int:
+        """The ring's file descriptor (for ``poll``/``epoll``-style readiness, not for I/O)."""
+        self._check_open()
+        return int(self._c.ring.ring_fd)
+
+    @property
+    def features(self) -> Features:
+        """What this ring's kernel supports: opcodes, ``IORING_FEAT_*`` bits, setup flags."""
+        return self._features
+
+    def close(self) -> None:
+        """Cancel everything in flight, wait for every final CQE, then tear the ring down.
+
+        Idempotent.  Returns only when the kernel holds no reference to any memory an operation
+        pinned; operations end ``CANCELLED`` (or ``COMPLETED``/``FAILED`` if they finished
+        first).  In a forked child it only drops the child's copy of the ring.  Raises
+        :class:`WrongThreadError` from a thread that does not own the ring.
+        """
+        if self._closed:
+            return
+        if self._forked:
+            self._drop_forked_copy()
+            return
+        if _get_ident() != self._owner:
+            raise WrongThreadError(self._thread_message())
+        if self._busy:
+            raise OperationStateError("close() was called from inside another call on this ring")
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._busy = True
+        try:
+            self._drain()
+        finally:
+            self._busy = False
+        lib.sr_ring_exit(self._c)
+        self._closed = True
+        self._owner = _NO_OWNER
+        self._ready = []
+        self._internal.clear()
+
+    def _drain(self) -> None:
+        """Cancel all in-flight operations and reap until every one has its final CQE."""
+        registry = self._registry
+        last_cancel = -_RECANCEL_SECONDS
+        while registry:
+            now = time.monotonic()
+            if now - last_cancel >= _RECANCEL_SECONDS:
+                # Repeated because a cancel can miss: an op that was running when the first
+                # request arrived (-EALREADY) may block again later.
+                for op in list(registry.values()):
+                    op._cancel_asked = True
+                    self._queue_cancel(op)
+                last_cancel = now
+            n = lib.sr_reap(self._c, 1, 100_000_000, self._cq_size,
+                            self._cq_ud, self._cq_res, self._cq_flags)
+            if n > 0:
+                self._dispatch(n)
+            elif n < 0 and -n not in _RETRYABLE:
+                raise os_error(-n, "io_uring_enter while closing the ring")
+
+    def _drop_forked_copy(self) -> None:
+        # The child's copy of the ring: unmapping it and closing the child's fd touches nothing
+        # the parent's kernel requests use.  The pins are copy-on-write copies: safe to drop.
+        lib.sr_ring_exit(self._c)
+        self._closed = True
+        self._registry.clear()
+        self._internal.clear()
+        self._ready = []
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        try:
+            if self._forked:
+                self._drop_forked_copy()
+            else:
+                # Nobody else references the ring, so no other call can be running on it: a
+                # finaliser may drain it from whatever thread the garbage collector runs in.
+                self._shutdown()
+        except BaseException:  # noqa: BLE001 - any failure: never free what the kernel may use
+            _bury(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._forked = True
+        self._owner = _NO_OWNER
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _refuse(self) -> None:
+        """Raise the right error for a call from the wrong context (the hot paths' slow path)."""
+        if self._forked and not self._closed:
+            raise ForkedRingError(
+                "this Ring was created by the parent process (pid before fork); a forked child "
+                "must not use it. Create a new Ring in the child."
+            )
+        if self._closed:
+            raise RingClosedError("the Ring is closed")
+        if self._busy:
+            raise OperationStateError("the ring was re-entered from inside one of its own calls")
+        raise WrongThreadError(self._thread_message())
+
+    def _thread_message(self) -> str:
+        return (f"this Ring belongs to thread {self._owner}, not {_get_ident()}: a ring is used "
+                "from the thread that created it (create one Ring per thread)")
+
+    def _check_open(self) -> None:
+        if self._closed or self._forked:
+            self._refuse()
+
+    def _unsupported(self, opcode: int) -> None:
+        raise UnsupportedOperationError(
+            f"{opcode_name(opcode)} is not supported by this kernel (io_uring gained it in "
+            f"Linux {since(opcode)}; ring.features lists what this kernel has)"
+        )
+
+    def _submitted_watermark(self) -> int:
+        return int(self._c.submitted_ud)
+
+    # -- preparing operations ----------------------------------------------------------------
+
+    def _queue(self, op: Any, opcode: int, fd: int, addr: Any, length: int, off: int,
+               op_flags: int) -> Any:
+        """Register ``op`` and write its SQE.  The registry entry comes first, so there is no
+        moment at which the kernel can see the SQE while its memory is unpinned."""
+        ud = self._next_ud
+        self._next_ud = ud + 1
+        op.user_data = ud
+        self._registry[ud] = op
+        rc = lib.sr_prep(self._c, ud, opcode, fd, addr, length, off, op_flags, 0)
+        if rc < 0:
+            self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, opcode, fd, addr, length, off,
+                             op_flags, 0)
+        return op
+
+    def _prep_retry(self, ud: int, rc: int, prep: Any, *args: Any) -> None:
+        """The SQ is full and the kernel would not take it (CQ backlog): reap, then retry."""
+        for _ in range(1000):
+            if -rc not in _RETRYABLE:
+                break
+            n = lib.sr_reap(self._c, 1 if self._registry else 0, 10_000_000, self._cq_size,
+                            self._cq_ud, self._cq_res, self._cq_flags)
+            if n > 0:
+                self._dispatch(n)
+            rc = prep(*args)
+            if rc >= 0:
+                return
+        self._registry.pop(ud, None)
+        self._internal.pop(ud, None)
+        raise os_error(-rc, "no submission queue entry could be obtained")
+
+    def nop(self) -> NopOperation:
+        """Queue a no-op (``IORING_OP_NOP``); its result is 0."""
+        if _get_ident() != self._owner:
+            self._refuse()
+        op = NopOperation(self, None, 0)
+        ud = self._next_ud
+        self._next_ud = ud + 1
+        op.user_data = ud
+        self._registry[ud] = op
+        rc = lib.sr_prep_nop(self._c, ud)
+        if rc < 0:
+            self._prep_retry(ud, rc, lib.sr_prep_nop, self._c, ud)
+        return op
+
+    def read(self, fd: int, buffer: Any, offset: int = -1) -> ReadOperation:
+        """Queue a read of up to ``len(buffer)`` bytes from ``fd`` into ``buffer``.
+
+        ``buffer`` is any writable, contiguous buffer (``bytearray``, ``memoryview``, ``mmap``,
+        ``array.array``); it stays pinned (cannot be resized or closed) until the final CQE.
+        ``bytes`` or another read-only object raises ``TypeError``.  ``offset=-1`` reads at the
+        file position and advances it.  The result is the number of bytes read.
+        """
+        if _get_ident() != self._owner:
+            self._refuse()
+        if not self._sup[_OP_READ]:
+            self._unsupported(_OP_READ)
+        if offset < -1:
+            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        pin = _pinning.writable(buffer)
+        n = _pinning.check_len(len(pin))
+        return self._queue(ReadOperation(self, pin, n), _OP_READ, fd, pin, n, offset & _M64, 0)  # type: ignore[no-any-return]
+
+    def write(self, fd: int, data: Any, offset: int = -1) -> WriteOperation:
+        """Queue a write of ``data`` (any contiguous bytes-like object, ``bytes`` included) to ``fd``.
+
+        ``offset=-1`` writes at the file position.  The result is the number of bytes written.
+        """
+        if _get_ident() != self._owner:
+            self._refuse()
+        if not self._sup[_OP_WRITE]:
+            self._unsupported(_OP_WRITE)
+        if offset < -1:
+            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        pin = _pinning.readable(data)
+        n = _pinning.check_len(len(pin))
+        return self._queue(WriteOperation(self, pin, n), _OP_WRITE, fd, pin, n, offset & _M64, 0)  # type: ignore[no-any-return]
+
+    def readv(self, fd: int, buffers: Any, offset: int = -1) -> ReadvOperation:
+        """Queue a vectored read into a sequence of writable buffers (filled in order)."""
+        self._check_context(_OP_READV)
+        if offset < -1:
+            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        vec, pins, total = _pinning.iovecs(buffers, _pinning.writable)
+        op = ReadvOperation(self, (vec, pins), total + ffi.sizeof(vec))
+        return self._queue(op, _OP_READV, fd, vec, len(pins), offset & _M64, 0)  # type: ignore[no-any-return]
+
+    def writev(self, fd: int, buffers: Any, offset: int = -1) -> WritevOperation:
+        """Queue a vectored write of a sequence of bytes-like objects (written in order)."""
+        self._check_context(_OP_WRITEV)
+        if offset < -1:
+            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        vec, pins, total = _pinning.iovecs(buffers, _pinning.readable)
+        op = WritevOperation(self, (vec, pins), total + ffi.sizeof(vec))
+        return self._queue(op, _OP_WRITEV, fd, vec, len(pins), offset & _M64, 0)  # type: ignore[no-any-return]
+
+    def fsync(self, fd: int, *, datasync: bool = False) -> FsyncOperation:
+        """Queue an ``fsync`` (or ``fdatasync`` with ``datasync=True``) of ``fd``."""
+        self._check_context(_OP_FSYNC)
+        flags = lib.IORING_FSYNC_DATASYNC if datasync else 0
+        return self._queue(FsyncOperation(self, None, 0), _OP_FSYNC, fd, ffi.NULL, 0, 0, flags)  # type: ignore[no-any-return]
+
+    def openat(self, path: Any, flags: int = os.O_RDONLY, mode: int = 0o644, *,
+               dir_fd: int | None = None) -> OpenOperation:
+        """Queue an ``openat``; the result is the new file descriptor (yours to close).
+
+        As with :func:`os.open`, the descriptor is non-inheritable (``O_CLOEXEC`` is added).
+        ``path`` is str, bytes or path-like, relative to ``dir_fd`` (default: the working
+        directory).  A failure raises the matching ``OSError`` with ``filename`` set.
+        """
+        self._check_context(_OP_OPENAT)
+        cpath, raw = _pinning.path(path)
+        dfd = lib.AT_FDCWD if dir_fd is None else dir_fd
+        op = OpenOperation(self, cpath, len(raw) + 1, path)
+        return self._queue(op, _OP_OPENAT, dfd, cpath, mode, 0, flags | os.O_CLOEXEC)  # type: ignore[no-any-return]
+
+    def close_fd(self, fd: int) -> CloseOperation:
+        """Queue a ``close`` of ``fd``."""
+        self._check_context(_OP_CLOSE)
+        return self._queue(CloseOperation(self, None, 0), _OP_CLOSE, fd, ffi.NULL, 0, 0, 0)  # type: ignore[no-any-return]
+
+    def statx(self, path: Any, *, dir_fd: int | None = None,
+              follow_symlinks: bool = True) -> StatxOperation:
+        """Queue a ``statx``; the result is a :class:`StatxResult` (``os.stat_result`` names).
+
+        ``path`` may also be an open file descriptor (an ``int``), which stats that file.
+        """
+        self._check_context(_OP_STATX)
+        flags = 0 if follow_symlinks else lib.AT_SYMLINK_NOFOLLOW
+        if isinstance(path, int) and not isinstance(path, bool):
+            if dir_fd is not None:
+                raise ValueError("statx(fd) takes no dir_fd")
+            dfd, (cpath, raw) = path, _pinning.path(b"")
+            flags |= lib.AT_EMPTY_PATH
+        else:
+            dfd = lib.AT_FDCWD if dir_fd is None else dir_fd
+            cpath, raw = _pinning.path(path)
+        out = ffi.new("struct statx *")
+        op = StatxOperation(self, (cpath, out), len(raw) + 1 + ffi.sizeof(out[0]), out, path)
+        mask = lib.STATX_BASIC_STATS | lib.STATX_BTIME
+        addr = int(ffi.cast("uintptr_t", out))
+        return self._queue(op, _OP_STATX, dfd, cpath, mask, addr, flags)  # type: ignore[no-any-return]
+
+    def timeout(self, seconds: float) -> TimeoutOperation:
+        """Queue a timeout that completes (result ``None``) once ``seconds`` have passed."""
+        self._check_context(_OP_TIMEOUT)
+        ts = _pinning.timespec(seconds)
+        op = TimeoutOperation(self, ts, ffi.sizeof(ts[0]))
+        return self._queue(op, _OP_TIMEOUT, -1, ts, 1, 0, 0)  # type: ignore[no-any-return]
+
+    def _check_context(self, opcode: int) -> None:
+        if _get_ident() != self._owner:
+            self._refuse()
+        if not self._sup[opcode]:
+            self._unsupported(opcode)
+
+    # -- cancellation ------------------------------------------------------------------------
+
+    def _cancel(self, op: Operation[Any]) -> None:
+        if op._ring is not self:
+            raise OperationStateError("the operation belongs to another ring")
+        if _get_ident() != self._owner:
+            self._refuse()
+        if op._res is not None:
+            raise OperationStateError(f"cannot cancel {op._what()}: it already ended "
+                                      f"({op.state.value})")
+        if op._cancel_asked:
+            raise OperationStateError(f"cancel() was already requested for {op._what()}")
+        if not self._sup[_OP_CANCEL]:
+            self._unsupported(_OP_CANCEL)
+        op._cancel_asked = True
+        self._queue_cancel(op)
+        self.submit()
+
+    def _queue_cancel(self, op: Operation[Any]) -> None:
+        ud = self._next_ud
+        self._next_ud = ud + 1
+        self._internal[ud] = CancelRequest(op)
+        rc = lib.sr_prep_cancel(self._c, ud, op.user_data, 0)
+        if rc < 0:
+            self._prep_retry(ud, rc, lib.sr_prep_cancel, self._c, ud, op.user_data, 0)
+
+    # -- submission and completion -----------------------------------------------------------
+
+    def submit(self) -> int:
+        """Hand every queued SQE to the kernel; return how many it took."""
+        if _get_ident() != self._owner:
+            self._refuse()
+        rc = lib.sr_submit(self._c)
+        while rc < 0:
+            if -rc not in _RETRYABLE:
+                raise os_error(-rc, "io_uring_submit")
+            # The kernel is holding back (CQ overflow backlog): make room, then try again.
+            n = lib.sr_reap(self._c, 0, -1, self._cq_size, self._cq_ud, self._cq_res,
+                            self._cq_flags)
+            if n > 0:
+                self._dispatch(n)
+            rc = lib.sr_submit(self._c)
+        return int(rc)
+
+    def wait(self, min_complete: int = 1, timeout: float | None = None) -> list[Operation[Any]]:
+        """Submit queued SQEs, wait for completions, and return the operations that finished.
+
+        Returns once at least ``min_complete`` operations have finished since the last call
+        (those already reaped by :meth:`run` or ``submit()`` count), or when ``timeout``
+        seconds have passed (then possibly fewer, maybe none).  ``min_complete=0`` only
+        collects what is already done.  Asking for more than could ever complete raises
+        ``ValueError`` instead of blocking forever.
+        """
+        if _get_ident() != self._owner:
+            self._refuse()
+        ready = self._ready
+        if min_complete < 0:
+            raise ValueError(f"min_complete must be >= 0, got {min_complete}")
+        if min_complete > len(ready) + len(self._registry):
+            raise ValueError(
+                f"wait(min_complete={min_complete}) could never return: only "
+                f"{len(self._registry)} operations are in flight and {len(ready)} finished"
+            )
+        if timeout is None:
+            timeout_ns = -1
+            deadline = 0.0
+        else:
+            if not timeout >= 0:
+                raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+            timeout_ns = int(timeout * 1e9)
+            deadline = time.monotonic() + timeout
+        self._busy = True
+        try:
+            self._reap_until(min_complete, timeout_ns, deadline)
+        finally:
+            self._busy = False
+        self._ready = []
+        return ready
+
+    def _reap_until(self, min_complete: int, timeout_ns: int, deadline: float) -> None:
+        c, cap = self._c, self._cq_size
+        ud, res, flags = self._cq_ud, self._cq_res, self._cq_flags
+        while True:
+            need = min_complete - len(self._ready)
+            if need > cap:
+                need = cap
+            n = lib.sr_reap(c, need if need > 0 else 0, timeout_ns, cap, ud, res, flags)
+            if n > 0:
+                self._dispatch(n)
+            elif n < 0 and -n not in _RETRYABLE:
+                raise os_error(-n, "io_uring_enter")
+            if len(self._ready) >= min_complete:
+                return
+            if timeout_ns >= 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                timeout_ns = int(left * 1e9)
+
+    def run(self, op: Operation[Any]) -> Any:
+        """Submit, wait until ``op`` has finished, and return ``op.result()`` (or raise it).
+
+        Other operations that finish meanwhile are kept for the next :meth:`wait`.
+        """
+        if op._res is None:
+            if op._ring is not self:
+                raise OperationStateError("the operation belongs to another ring")
+            if _get_ident() != self._owner:
+                self._refuse()
+            self._busy = True
+            try:
+                c, cap = self._c, self._cq_size
+                while op._res is None:
+                    n = lib.sr_reap(c, 1, -1, cap, self._cq_ud, self._cq_res, self._cq_flags)
+                    if n > 0:
+                        self._dispatch(n)
+                    elif n < 0 and -n not in _RETRYABLE:
+                        raise os_error(-n, "io_uring_enter")
+            finally:
+                self._busy = False
+        ready = self._ready
+        if ready and ready[-1] is op:
+            ready.pop()
+        elif op in ready:
+            ready.remove(op)
+        return op.result()
+
+    def _dispatch(self, n: int) -> None:
+        """Apply ``n`` reaped CQEs: record results, release pins of final CQEs, collect ops.
+
+        This is the only place a registry entry is removed, and so the only place pins are
+        released.  Dropping ``_pins`` releases the buffer exports (cffi's ``from_buffer``
+        objects release theirs when freed, and nothing else references them).
+        """
+        unpack = ffi.unpack
+        uds = unpack(self._cq_ud, n)
+        results = unpack(self._cq_res, n)
+        cqe_flags = unpack(self._cq_flags, n)
+        pop = self._registry.pop
+        append = self._ready.append
+        for ud, res, fl in zip(uds, results, cqe_flags, strict=False):
+            if fl & _F_MORE:
+                continue  # not final: a multishot/zero-copy op keeps its pins (no such op yet)
+            op = pop(ud, None)
+            if op is None:
+                self._internal_cqe(ud, res)
+                continue
+            op._res = res
+            op._state = COMPLETED if res >= 0 else op._final_state(res)
+            op._pins = None
+            append(op)
+
+    def _internal_cqe(self, ud: int, res: int) -> None:
+        request = self._internal.pop(ud, None)
+        if request is not None:
+            request.res = res
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> RingStats:
+        """Counters: in-flight operations, pinned bytes, SQEs submitted, CQEs reaped."""
+        registry = self._registry
+        return RingStats(
+            in_flight=len(registry),
+            pinned_bytes=sum(op._nbytes for op in list(registry.values())),
+            submitted=int(self._c.n_submitted) if hasattr(self, "_c") else 0,
+            completed=int(self._c.n_reaped) if hasattr(self, "_c") else 0,
+        )
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<Ring closed>"
+        return (f"<Ring fd={int(self._c.ring.ring_fd)} sq={int(self._c.sq_entries)} "
+                f"cq={self._cq_size} in_flight={len(self._registry)}>")
+
+
+def _setup_flags(entries: int, sqpoll: bool, sq_thread_idle: int | None, single_issuer: bool,
+                 coop_taskrun: bool, defer_taskrun: bool,
+                 cq_entries: int | None) -> list[tuple[str, int]]:
+    """Validate Ring() arguments and return the requested IORING_SETUP_* flags, by name."""
+    if isinstance(entries, bool) or not isinstance(entries, int):
+        raise TypeError(f"entries must be an int, got {type(entries).__name__}")
+    if not 1 <= entries <= _MAX_ENTRIES:
+        raise ValueError(f"entries must be between 1 and {_MAX_ENTRIES}, got {entries}")
+    if cq_entries is not None and not entries <= cq_entries <= _MAX_CQ_ENTRIES:
+        raise ValueError(f"cq_entries must be between entries ({entries}) and "
+                         f"{_MAX_CQ_ENTRIES}, got {cq_entries}")
+    if sq_thread_idle is not None:
+        if not sqpoll:
+            raise ValueError("sq_thread_idle only applies with sqpoll=True")
+        if not 0 <= sq_thread_idle <= 0xFFFF_FFFF:
+            raise ValueError(f"sq_thread_idle is milliseconds >= 0, got {sq_thread_idle}")
+    if defer_taskrun and not single_issuer:
+        raise ValueError("defer_taskrun=True needs single_issuer=True (the kernel requires it)")
+    if defer_taskrun and sqpoll:
+        raise ValueError("defer_taskrun cannot be combined with sqpoll")
+    flags: list[tuple[str, int]] = []
+    if sqpoll:
+        flags.append(("SQPOLL", lib.IORING_SETUP_SQPOLL))
+    if single_issuer:
+        flags.append(("SINGLE_ISSUER", lib.SR_SETUP_SINGLE_ISSUER))
+    if coop_taskrun:
+        flags.append(("COOP_TASKRUN", lib.SR_SETUP_COOP_TASKRUN))
+    if defer_taskrun:
+        flags.append(("DEFER_TASKRUN", lib.SR_SETUP_DEFER_TASKRUN))
+    if coop_taskrun or defer_taskrun:
+        # Lets the kernel flag pending task work in the SQ ring, so a non-blocking reap knows
+        # when it must enter the kernel to see completions.
+        flags.append(("TASKRUN_FLAG", lib.SR_SETUP_TASKRUN_FLAG))
+    return flags
+
+
+_FLAG_SINCE = {"SQPOLL": "5.1", "SINGLE_ISSUER": "6.0", "COOP_TASKRUN": "5.19",
+               "DEFER_TASKRUN": "6.1", "TASKRUN_FLAG": "5.19", "CQSIZE": "5.5"}
+
+
+def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
+                 sq_thread_idle: int | None, cq_entries: int | None) -> Exception:
+    """The exception for a failed io_uring_setup, saying why and what to change."""
+    if code == errno.ENOSYS:
+        return UnsupportedPlatformError(
+            "this kernel has no io_uring (io_uring_setup: ENOSYS); saferring needs Linux 5.1+ "
+            "built with CONFIG_IO_URING")
+    if code == errno.EPERM:
+        return PermissionError(
+            errno.EPERM,
+            "io_uring_setup was refused (EPERM): io_uring is disabled for this process. Check "
+            "the sysctl kernel.io_uring_disabled (0: allowed, 1: only members of "
+            "kernel.io_uring_group, 2: nobody) and any seccomp filter (container runtimes "
+            "often block io_uring); sqpoll on kernels before 5.11 also needs root")
+    if code == errno.ENOMEM:
+        return OSError(
+            errno.ENOMEM,
+            "io_uring_setup: out of memory. Kernels before 5.12 charge rings to RLIMIT_MEMLOCK: "
+            "raise it (ulimit -l) or ask for fewer entries")
+    if code == errno.EINVAL and (requested or cq_entries):
+        # Find which requested flag the kernel rejects by trying each alone.
+        trial = ffi.new("sr_ring *")
+        for name, bit in requested:
+            extra = lib.SR_SETUP_SINGLE_ISSUER if name == "DEFER_TASKRUN" else 0
+            extra |= lib.SR_SETUP_TASKRUN_FLAG if name in ("COOP_TASKRUN", "DEFER_TASKRUN") else 0
+            if name == "TASKRUN_FLAG":
+                continue
+            rc = lib.sr_ring_init(trial, entries, bit | extra,
+                                  (sq_thread_idle or 0) if name == "SQPOLL" else 0, 0)
+            if rc >= 0:
+                lib.sr_ring_exit(trial)
+                continue
+            if -rc == errno.EINVAL:
+                return UnsupportedOperationError(
+                    f"this kernel does not support IORING_SETUP_{name} (Ring({name.lower()}="
+                    f"True)); it came in Linux {_FLAG_SINCE.get(name, '?')}")
+        if cq_entries:
+            rc = lib.sr_ring_init(trial, entries, 0, 0, cq_entries)
+            if rc >= 0:
+                lib.sr_ring_exit(trial)
+            elif -rc == errno.EINVAL:
+                return UnsupportedOperationError(
+                    "this kernel does not support IORING_SETUP_CQSIZE (cq_entries); it came in "
+                    "Linux 5.5")
+    return os_error(code, "io_uring_setup")
+
+
+def _bury(ring: Ring) -> None:
+    """Keep a ring that could not be drained alive until the process ends.
+
+    Reached only when the kernel refused to let saferring reap (e.g. a single-issuer ring
+    finalised on another thread).  Freeing its pins would let the kernel write into reused
+    memory, so they are leaked on purpose, and an extra reference keeps even interpreter
+    shutdown from freeing them.
+    """
+    _graveyard.append(ring)
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(ring))
+
+
+def _after_fork_in_child() -> None:
+    for ring in list(_live_rings):
+        ring._after_fork_in_child()
+
+
+def _close_all_at_exit() -> None:
+    me = _get_ident()
+    for ring in list(_live_rings):
+        if ring._closed:
+            continue
+        if ring._owner == me and not ring._busy:
+            try:
+                ring._shutdown()
+                continue
+            except BaseException:  # noqa: BLE001 - could not drain: keep its memory
+                pass
+        elif ring._forked:
+            continue
+        _bury(ring)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)
+
+__all__ = ["Ring", "RingStats", "StatxResult"]
