@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from cffi import FFI
@@ -58,10 +59,14 @@ def find_liburing() -> tuple[list[str], list[str], tuple[int, int] | None]:
     """Return (include_dirs, library_dirs, (major, minor) or None) for liburing, or exit."""
     prefix = os.environ.get("SAFERRING_LIBURING_PREFIX")
     if prefix:
-        inc, lib = Path(prefix, "include"), Path(prefix, "lib")
+        inc = Path(prefix, "include")
         if not (inc / "liburing.h").exists():
             sys.exit(f"SAFERRING_LIBURING_PREFIX={prefix}: no include/liburing.h there.\n")
-        return [str(inc)], [str(lib)], _header_version(inc)
+        libs = [d for d in (Path(prefix, "lib"), Path(prefix, "lib64")) if (d / "liburing.so").exists()]
+        if not libs:
+            sys.exit(f"SAFERRING_LIBURING_PREFIX={prefix}: no lib/liburing.so or lib64/liburing.so there.\n")
+        lib_dirs = [str(libs[0])]
+        return [str(inc)], lib_dirs, _header_version(inc) or _library_version(lib_dirs)
 
     include_dirs: list[str] = []
     library_dirs: list[str] = []
@@ -83,7 +88,8 @@ def find_liburing() -> tuple[list[str], list[str], tuple[int, int] | None]:
     if header_dir not in include_dirs and header_dir != "/usr/include":
         include_dirs.append(header_dir)
         library_dirs.append(str(Path(header_dir).parent / "lib"))
-    return include_dirs, library_dirs, version or _header_version(Path(header_dir))
+    return include_dirs, library_dirs, (version or _header_version(Path(header_dir))
+                                        or _library_version(library_dirs))
 
 
 def _header_version(include_dir: Path) -> tuple[int, int] | None:
@@ -97,6 +103,18 @@ def _header_version(include_dir: Path) -> tuple[int, int] | None:
     if major is None or minor is None:
         return None
     return int(major.group(1)), int(minor.group(1))
+
+
+def _library_version(library_dirs: list[str]) -> tuple[int, int] | None:
+    """liburing < 2.4 without pkg-config: its build names the library liburing.so.MAJOR.MINOR."""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    dirs = [*library_dirs, f"/usr/lib/{multiarch}", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
+    for d in dirs:
+        so = Path(d, "liburing.so")
+        if so.exists():
+            match = re.fullmatch(r"liburing\.so\.(\d+)\.(\d+)(?:\.\d+)*", so.resolve().name)
+            return (int(match.group(1)), int(match.group(2))) if match else None
+    return None
 
 
 def make_ffi() -> FFI:

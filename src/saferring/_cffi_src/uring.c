@@ -16,6 +16,8 @@
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <liburing.h>
 
 /* The installed liburing's version; build_ffi.py passes SR_LIBURING_VERSION_{MAJOR,MINOR} when it
@@ -277,7 +279,10 @@ static int sr_get_events(sr_ring *r)
 #if SR_LIBURING_AT_LEAST(2, 3)
     return io_uring_get_events(&r->ring);
 #else
-    return io_uring_enter(r->ring.ring_fd, 0, 0, IORING_ENTER_GETEVENTS, NULL);
+    /* liburing exports io_uring_enter() only from 2.3 on: make the syscall directly. */
+    int ret = (int)syscall(__NR_io_uring_enter, r->ring.ring_fd, 0, 0, IORING_ENTER_GETEVENTS,
+                           NULL, 0);
+    return ret < 0 ? -errno : ret;
 #endif
 }
 

@@ -1,0 +1,94 @@
+"""nop-batchN: queue N NOPs, submit, wait for all N, check every result.
+
+This is pure per-operation overhead: the kernel does nothing for a NOP, so the numbers are the
+cost of preparing SQEs, one io_uring_enter, and reaping/checking CQEs from Python.
+
+Contenders (same ring size, same N, same checks):
+  saferring   the safe API: ``[ring.nop() for _ in range(N)]``, ``ring.wait(N)``, ``op.result()``
+  raw_cffi    liburing through cffi, one cffi call per liburing function, locals bound:
+              get_sqe / prep_nop / user_data per op, submit_and_wait, peek_batch_cqe into a
+              preallocated array, read user_data and res of each CQE, cq_advance
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import saferring
+from saferring.unsafe import ffi, lib
+
+BATCHES = [1, 32, 128]
+# Calls of the round function per timed round, so that one timed round lasts a few ms.
+ITERATIONS = {1: 2000, 32: 100, 128: 25}
+ROUNDS = 60
+WARMUP = 5
+
+def _pedantic(benchmark: Any, fn: Any, n: int) -> None:
+    benchmark.group = f"nop-batch{n}"
+    benchmark.extra_info["ops_per_round"] = n
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=ITERATIONS[n], warmup_rounds=WARMUP)
+
+
+@pytest.mark.parametrize("n", BATCHES, ids=[f"batch{n}" for n in BATCHES])
+def test_nop_saferring(benchmark: Any, ring: saferring.Ring, n: int) -> None:
+    nop, wait = ring.nop, ring.wait
+    span = range(n)
+
+    def one_round() -> None:
+        [nop() for _ in span]
+        done = wait(n)
+        if len(done) != n:
+            pytest.fail(f"saferring: wait({n}) returned {len(done)} operations")
+        for op in done:
+            if op.result() != 0:
+                pytest.fail(f"saferring: a NOP returned {op.result()}")
+
+    one_round()  # correctness before timing
+    _pedantic(benchmark, one_round, n)
+    stats = ring.stats()
+    assert stats.in_flight == 0 and stats.submitted == stats.completed
+
+
+@pytest.mark.parametrize("n", BATCHES, ids=[f"batch{n}" for n in BATCHES])
+def test_nop_raw_cffi(benchmark: Any, raw_ring: Any, n: int) -> None:
+    r = raw_ring
+    get_sqe, prep_nop = lib.io_uring_get_sqe, lib.io_uring_prep_nop
+    submit_and_wait, peek_batch = lib.io_uring_submit_and_wait, lib.io_uring_peek_batch_cqe
+    cq_advance = lib.io_uring_cq_advance
+    cqes = ffi.new("struct io_uring_cqe *[]", n)
+    span = range(n)
+    want_sum = sum(span)
+
+    def one_round() -> None:
+        for i in span:
+            sqe = get_sqe(r)
+            if not sqe:
+                pytest.fail("raw: the SQ is full")
+            prep_nop(sqe)
+            sqe.user_data = i
+        ret = submit_and_wait(r, n)
+        if ret < 0:
+            pytest.fail(f"raw: io_uring_submit_and_wait returned {ret}")
+        done = 0
+        total = 0
+        while True:
+            got = peek_batch(r, cqes, n)
+            for j in range(got):
+                cqe = cqes[j]
+                if cqe.res != 0:
+                    pytest.fail(f"raw: a NOP returned {cqe.res}")
+                total += cqe.user_data
+            cq_advance(r, got)
+            done += got
+            if done >= n:
+                break
+            ret = submit_and_wait(r, n - done)  # not reached in practice: all N are ready
+            if ret < 0:
+                pytest.fail(f"raw: io_uring_submit_and_wait returned {ret}")
+        if done != n or total != want_sum:
+            pytest.fail(f"raw: reaped {done} CQEs (user_data sum {total}), expected {n}")
+
+    one_round()
+    _pedantic(benchmark, one_round, n)
