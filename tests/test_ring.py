@@ -7,9 +7,8 @@ import os
 import pytest
 
 import saferring
-from saferring import RingClosedError
-
 from _helpers import run_isolated
+from saferring import RingClosedError
 
 
 def test_context_manager_closes_and_close_is_idempotent() -> None:
@@ -21,7 +20,8 @@ def test_context_manager_closes_and_close_is_idempotent() -> None:
     assert ring.closed
     ring.close()
     assert ring.closed
-    assert not os.path.exists(f"/proc/self/fd/{fd}") or os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[io_uring]"
+    link = f"/proc/self/fd/{fd}"
+    assert not os.path.exists(link) or os.readlink(link) != "anon_inode:[io_uring]"
 
 
 def test_closed_ring_refuses_everything() -> None:

@@ -1,0 +1,203 @@
+"""4 KiB reads at random aligned offsets, 32 per round, from a cached file and with O_DIRECT.
+
+read4k-random-cached-qd32
+    A 64 MiB file already in the page cache.  The kernel copies 4 KiB per read, so this measures
+    the per-read software cost of each way of issuing reads (the "device" is memcpy).
+    Contenders: saferring (32 ``ring.read`` + ``ring.wait(32)``), raw_cffi (liburing through
+    cffi, buffer pointers precomputed), os_pread (32 ``os.pread`` calls, a new bytes object
+    each), os_preadv (32 ``os.preadv`` calls into the same preallocated buffers).
+
+read4k-random-odirect-qd32
+    A 256 MiB file opened with O_DIRECT, page-aligned buffers: every read goes to the block
+    device.  saferring and raw_cffi keep 32 reads in flight; os_preadv_qd1 issues them one at a
+    time, which is what a synchronous loop can do.  The gap is the device's parallelism.
+
+Every contender checks every read of every round: the byte count, and the first 8 bytes against
+the file's known content at that offset.  After timing, each runs one more round into zeroed
+buffers and compares all 32 x 4 KiB with the file.  Every contender reads the same sequence of
+offset batches.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+import pytest
+
+import saferring
+from saferring.unsafe import ffi, lib
+
+CACHED = "read4k-random-cached-qd32"
+DIRECT = "read4k-random-odirect-qd32"
+ROUNDS = {CACHED: 1500, DIRECT: 150}
+WARMUP = {CACHED: 50, DIRECT: 5}
+
+
+class Buffers:
+    """QD block-sized views of one allocation: a bytearray, or an anonymous (page-aligned) mmap."""
+
+    def __init__(self, df: Any, aligned: bool) -> None:
+        size = df.block * df.qd
+        self.mem: Any = mmap.mmap(-1, size) if aligned else bytearray(size)
+        whole = memoryview(self.mem)
+        self.views = [whole[k * df.block:(k + 1) * df.block] for k in range(df.qd)]
+        whole.release()
+
+    def zero(self) -> None:
+        self.mem[:] = bytes(len(self.mem))
+
+
+def _run(benchmark: Any, df: Any, group: str, one_round: Any, final_blocks: Any, who: str) -> None:
+    """Check one round, time ROUNDS rounds, then verify a round into zeroed buffers in full."""
+    offs, prefixes = df.batches[0]
+    one_round(offs, prefixes)
+    benchmark.group = group
+    benchmark.extra_info["ops_per_round"] = df.qd
+    benchmark.pedantic(one_round, setup=df.batch_source(), rounds=ROUNDS[group],
+                       warmup_rounds=WARMUP[group])
+    offs, prefixes = df.batches[-1]
+    df.verify_full(offs, final_blocks(offs, prefixes), who)
+
+
+# -- contenders, shared by both groups --------------------------------------------------------------
+
+
+def _saferring(benchmark: Any, ring: saferring.Ring, df: Any, group: str, aligned: bool) -> None:
+    bufs = Buffers(df, aligned)
+    views, fd, block, qd = bufs.views, df.fd, df.block, df.qd
+    read, wait = ring.read, ring.wait
+
+    def one_round(offs: list[int], prefixes: list[bytes]) -> None:
+        ops = [read(fd, v, off) for v, off in zip(views, offs, strict=True)]
+        done = wait(qd)
+        if len(done) != qd:
+            pytest.fail(f"saferring: wait({qd}) returned {len(done)} operations")
+        for op, v, want in zip(ops, views, prefixes, strict=True):
+            if op.result() != block or v[:8] != want:
+                pytest.fail(f"saferring: read returned {op.result()} / wrong data")
+
+    def final(offs: list[int], prefixes: list[bytes]) -> list[Any]:
+        bufs.zero()
+        one_round(offs, prefixes)
+        return views
+
+    _run(benchmark, df, group, one_round, final, "saferring")
+
+
+def _raw_cffi(benchmark: Any, r: Any, df: Any, group: str, aligned: bool) -> None:
+    bufs = Buffers(df, aligned)
+    views, fd, block, qd = bufs.views, df.fd, df.block, df.qd
+    ptrs = [ffi.from_buffer(v, require_writable=True) for v in views]
+    get_sqe, prep_read = lib.io_uring_get_sqe, lib.io_uring_prep_read
+    submit_and_wait, peek_batch = lib.io_uring_submit_and_wait, lib.io_uring_peek_batch_cqe
+    cq_advance = lib.io_uring_cq_advance
+    cqes = ffi.new("struct io_uring_cqe *[]", qd)
+    span = range(qd)
+    all_seen = (1 << qd) - 1
+
+    def one_round(offs: list[int], prefixes: list[bytes]) -> None:
+        for k in span:
+            sqe = get_sqe(r)
+            if not sqe:
+                pytest.fail("raw: the SQ is full")
+            prep_read(sqe, fd, ptrs[k], block, offs[k])
+            sqe.user_data = k
+        ret = submit_and_wait(r, qd)
+        if ret < 0:
+            pytest.fail(f"raw: io_uring_submit_and_wait returned {ret}")
+        done = 0
+        seen = 0
+        while True:
+            got = peek_batch(r, cqes, qd)
+            for j in range(got):
+                cqe = cqes[j]
+                k = cqe.user_data
+                if cqe.res != block or views[k][:8] != prefixes[k]:
+                    pytest.fail(f"raw: read {k} returned {cqe.res} / wrong data")
+                seen |= 1 << k
+            cq_advance(r, got)
+            done += got
+            if done >= qd:
+                break
+            ret = submit_and_wait(r, qd - done)
+            if ret < 0:
+                pytest.fail(f"raw: io_uring_submit_and_wait returned {ret}")
+        if seen != all_seen:
+            pytest.fail(f"raw: not every read completed exactly once ({seen:#x})")
+
+    def final(offs: list[int], prefixes: list[bytes]) -> list[Any]:
+        bufs.zero()
+        one_round(offs, prefixes)
+        return views
+
+    _run(benchmark, df, group, one_round, final, "raw_cffi")
+
+
+def _os_preadv(benchmark: Any, df: Any, group: str, aligned: bool) -> None:
+    bufs = Buffers(df, aligned)
+    views, fd, block = bufs.views, df.fd, df.block
+    vec_lists = [[v] for v in views]
+    preadv = os.preadv
+
+    def one_round(offs: list[int], prefixes: list[bytes]) -> None:
+        for vec, v, off, want in zip(vec_lists, views, offs, prefixes, strict=True):
+            n = preadv(fd, vec, off)
+            if n != block or v[:8] != want:
+                pytest.fail(f"os.preadv returned {n} / wrong data at {off}")
+
+    def final(offs: list[int], prefixes: list[bytes]) -> list[Any]:
+        bufs.zero()
+        one_round(offs, prefixes)
+        return views
+
+    _run(benchmark, df, group, one_round, final, "os.preadv")
+
+
+# -- read4k-random-cached-qd32 ---------------------------------------------------------------------
+
+
+def test_cached_saferring(benchmark: Any, ring: saferring.Ring, cached_file: Any) -> None:
+    _saferring(benchmark, ring, cached_file, CACHED, aligned=False)
+
+
+def test_cached_raw_cffi(benchmark: Any, raw_ring: Any, cached_file: Any) -> None:
+    _raw_cffi(benchmark, raw_ring, cached_file, CACHED, aligned=False)
+
+
+def test_cached_os_pread(benchmark: Any, cached_file: Any) -> None:
+    df = cached_file
+    fd, block = df.fd, df.block
+    pread = os.pread
+
+    def one_round(offs: list[int], prefixes: list[bytes]) -> None:
+        for off, want in zip(offs, prefixes, strict=True):
+            data = pread(fd, block, off)
+            if len(data) != block or data[:8] != want:
+                pytest.fail(f"os.pread returned {len(data)} bytes / wrong data at {off}")
+
+    def final(offs: list[int], prefixes: list[bytes]) -> list[bytes]:
+        one_round(offs, prefixes)
+        return [pread(fd, block, off) for off in offs]
+
+    _run(benchmark, df, CACHED, one_round, final, "os.pread")
+
+
+def test_cached_os_preadv(benchmark: Any, cached_file: Any) -> None:
+    _os_preadv(benchmark, cached_file, CACHED, aligned=False)
+
+
+# -- read4k-random-odirect-qd32 --------------------------------------------------------------------
+
+
+def test_odirect_saferring(benchmark: Any, ring: saferring.Ring, direct_file: Any) -> None:
+    _saferring(benchmark, ring, direct_file, DIRECT, aligned=True)
+
+
+def test_odirect_raw_cffi(benchmark: Any, raw_ring: Any, direct_file: Any) -> None:
+    _raw_cffi(benchmark, raw_ring, direct_file, DIRECT, aligned=True)
+
+
+def test_odirect_os_preadv_qd1(benchmark: Any, direct_file: Any) -> None:
+    _os_preadv(benchmark, direct_file, DIRECT, aligned=True)
