@@ -329,7 +329,8 @@ class Ring:
         for _ in range(1000):
             if -rc not in _RETRYABLE:
                 break
-            n = lib.sr_reap(self._c, 1 if self._registry else 0, 10_000_000, self._cq_size,
+            n = lib.sr_reap(self._c, 1 if self._registry or self._internal else 0, 10_000_000,
+                            self._cq_size,
                             self._cq_ud, self._cq_res, self._cq_flags)
             if n > 0:
                 self._dispatch(n)

@@ -92,6 +92,8 @@ typedef struct {
     int initialized;
     unsigned sq_mask;
     unsigned last_head; /* SQ head (or flushed tail under SQPOLL) at the last accounting */
+    int cq_guard;       /* kernel drops CQEs on overflow (no IORING_FEAT_NODROP, < 5.5) */
+    uint64_t n_prepared;
 } sr_ring;
 
 static const char *sr_build_stamp(void) { return SR_BUILD_STAMP; }
@@ -118,6 +120,7 @@ static int sr_ring_init(sr_ring *r, unsigned entries, unsigned flags, unsigned s
     r->setup_flags = r->ring.flags;
     r->features = p.features;
     r->sq_mask = *r->ring.sq.kring_mask;
+    r->cq_guard = !(p.features & IORING_FEAT_NODROP);
     r->last_head = (r->ring.flags & IORING_SETUP_SQPOLL) ? *r->ring.sq.ktail : *r->ring.sq.khead;
     r->initialized = 1;
     return 0;
@@ -183,21 +186,32 @@ static int sr_submit(sr_ring *r)
    take more (e.g. -EBUSY while its CQ overflow backlog is full): the caller reaps and retries. */
 static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err)
 {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    struct io_uring_sqe *sqe;
     int ret;
 
+    /* Before 5.5 a full CQ drops completions, and a dropped completion would leave its op (and
+       its pins) in flight forever: never have more requests out than the CQ can hold. */
+    if (r->cq_guard && r->n_prepared - r->n_reaped >= r->cq_entries) {
+        *err = -EBUSY;
+        return NULL;
+    }
+    r->n_prepared++;
+    sqe = io_uring_get_sqe(&r->ring);
     if (sqe)
         return sqe;
     ret = sr_submit(r);
     if (ret < 0) {
         *err = ret;
+        r->n_prepared--;
         return NULL;
     }
     if (r->ring.flags & IORING_SETUP_SQPOLL)
         io_uring_sqring_wait(&r->ring);
     sqe = io_uring_get_sqe(&r->ring);
-    if (!sqe)
+    if (!sqe) {
         *err = -EBUSY;
+        r->n_prepared--;
+    }
     return sqe;
 }
 

@@ -82,6 +82,8 @@ typedef struct {
     unsigned setup_flags;
     unsigned features;
     int initialized;
+    int cq_guard;           /* 1 on kernels that drop CQEs on overflow: in-flight <= CQ size */
+    uint64_t n_prepared;    /* SQEs prepared, all time */
     ...;
 } sr_ring;
 
