@@ -22,8 +22,8 @@ from saferring.unsafe import ffi, lib
 BATCHES = [1, 32, 128]
 # Calls of the round function per timed round, so that one timed round lasts a few ms.
 ITERATIONS = {1: 2000, 32: 100, 128: 25}
-ROUNDS = 60
-WARMUP = 5
+ROUNDS = 200
+WARMUP = 10
 
 def _pedantic(benchmark: Any, fn: Any, n: int) -> None:
     benchmark.group = f"nop-batch{n}"

@@ -31,8 +31,8 @@ from saferring.unsafe import ffi, lib
 
 CACHED = "read4k-random-cached-qd32"
 DIRECT = "read4k-random-odirect-qd32"
-ROUNDS = {CACHED: 1500, DIRECT: 150}
-WARMUP = {CACHED: 50, DIRECT: 5}
+ROUNDS = {CACHED: 5000, DIRECT: 400}
+WARMUP = {CACHED: 200, DIRECT: 20}
 
 
 class Buffers:

@@ -1,0 +1,112 @@
+"""Summarise pytest-benchmark JSON: per group, each contender's median and its speed vs saferring.
+
+    .venv/bin/python -m pytest benchmarks --benchmark-json=run1.json
+    .venv/bin/python benchmarks/report.py run1.json [run2.json ...] [--markdown]
+
+For every benchmark group it prints, per contender and per JSON file (one column block per run),
+the median time of one round, the median time per operation (round / ``ops_per_round``, which the
+benchmarks record in ``extra_info``), and the throughput ratio to the group's saferring contender
+(the test whose name contains "saferring"): ``median(saferring) / median(contender)``, so 2.00x
+means that contender completes twice as many operations per second as saferring does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+REFERENCE = "saferring"
+
+
+def _fmt_time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}" if unit == "s" else f"{seconds / scale:.1f} {unit}"
+    return f"{seconds * 1e9:.0f} ns"
+
+
+def load(path: str) -> dict[str, dict[str, tuple[float, int]]]:
+    """{group: {contender: (median seconds per round, ops per round)}} from one JSON file."""
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict[str, dict[str, tuple[float, int]]] = {}
+    for bench in data.get("benchmarks", []):
+        name = bench["name"].removeprefix("test_")
+        ops = int(bench.get("extra_info", {}).get("ops_per_round", 1))
+        groups.setdefault(bench.get("group") or "(no group)", {})[name] = (
+            float(bench["stats"]["median"]), ops)
+    return groups
+
+
+def _reference(contenders: dict[str, Any]) -> str | None:
+    names = [n for n in contenders if REFERENCE in n]
+    return names[0] if names else None
+
+
+def _first_median(runs: list[dict[str, dict[str, tuple[float, int]]]], group: str, name: str) -> float:
+    for run in runs:
+        if name in run.get(group, {}):
+            return run[group][name][0]
+    return float("inf")
+
+
+def report(paths: list[str], markdown: bool) -> str:
+    runs = [load(p) for p in paths]
+    group_names: list[str] = []
+    for run in runs:
+        group_names += [g for g in run if g not in group_names]
+    lines: list[str] = []
+    for group in sorted(group_names):
+        contenders: list[str] = []
+        for run in runs:
+            contenders += [c for c in run.get(group, {}) if c not in contenders]
+        ref = _reference(dict.fromkeys(contenders))
+        # saferring first, then the others fastest first (by the first run that has them)
+        contenders.sort(key=lambda n, g=group: (n != ref, _first_median(runs, g, n)))
+        header = ["contender"]
+        for i in range(len(runs)):
+            tag = f"run{i + 1} " if len(runs) > 1 else ""
+            header += [f"{tag}median/round", f"{tag}per op", f"{tag}ops/s", f"{tag}vs {REFERENCE}"]
+        rows = []
+        for name in contenders:
+            row = [name]
+            for run in runs:
+                got = run.get(group, {}).get(name)
+                if got is None:
+                    row += ["-"] * 4
+                    continue
+                median, ops = got
+                base = run.get(group, {}).get(ref) if ref else None
+                ratio = f"{base[0] / median:.2f}x" if base else "n/a"
+                row += [_fmt_time(median), _fmt_time(median / ops), f"{ops / median:,.0f}", ratio]
+            rows.append(row)
+        title = f"{group}" + ("" if ref else f"  (no contender named *{REFERENCE}*: no ratios)")
+        if markdown:
+            lines.append(f"**{title}**\n")
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+        else:
+            widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+            lines.append(title)
+            for r in [header, *rows]:
+                cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
+                                                                                  strict=True)]
+                lines.append("  " + "  ".join(cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", help="files written by pytest --benchmark-json=FILE")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    args = parser.parse_args(argv)
+    print(report(args.json, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
