@@ -154,10 +154,36 @@ def cached_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataFile]:
         os.unlink(path)
 
 
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+
+
+def _fs_type(path: str) -> str:
+    """The filesystem type of ``path`` (longest matching mount point in /proc/self/mounts)."""
+    real = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, fstype = mnt, fields[2]
+    except OSError:
+        pass
+    return fstype
+
+
 def _o_direct_reason(directory: str) -> str | None:
-    """None if ``directory`` supports O_DIRECT reads of 4 KiB into page-aligned memory."""
+    """None if ``directory`` supports O_DIRECT reads of 4 KiB into page-aligned memory and is
+    backed by a block device (tmpfs takes O_DIRECT on Linux 6.6+, but then there is no device)."""
     if not hasattr(os, "O_DIRECT"):
         return "os.O_DIRECT does not exist on this platform"
+    fstype = _fs_type(directory)
+    if fstype in _MEMORY_FILESYSTEMS:
+        return f"{directory} is on {fstype}, which has no block device behind it"
     probe = os.path.join(directory, "odirect-probe.bin")
     try:
         _write(probe, b"\x5a" * (2 * BLOCK))
@@ -181,11 +207,12 @@ def _o_direct_reason(directory: str) -> str | None:
     return None
 
 
-def _direct_dir_candidates() -> list[str]:
+def _direct_dir_candidates() -> list[tuple[str, bool]]:
+    """(directory, may be created) pairs to try, in order."""
     env = os.environ.get("SAFERRING_BENCH_DIR")
     if env:
-        return [env]
-    return ["/var/tmp", str(_HERE / ".data")]
+        return [(env, False)]
+    return [("/var/tmp", False), (str(_HERE / ".data"), True)]
 
 
 @pytest.fixture(scope="session")
@@ -197,9 +224,10 @@ def direct_file() -> Iterator[DataFile]:
     """
     reasons = []
     workdir = None
-    for base in _direct_dir_candidates():
+    for base, create in _direct_dir_candidates():
         try:
-            os.makedirs(base, exist_ok=True)
+            if create:
+                os.makedirs(base, exist_ok=True)
             candidate = tempfile.mkdtemp(prefix="saferring-bench-", dir=base)
         except OSError as exc:
             reasons.append(f"{base}: {exc}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -23,7 +24,8 @@ REFERENCE = "saferring"
 def _fmt_time(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}" if unit == "s" else f"{seconds / scale:.1f} {unit}"
+            value = seconds / scale
+            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
     return f"{seconds * 1e9:.0f} ns"
 
 
@@ -35,14 +37,23 @@ def load(path: str) -> dict[str, dict[str, tuple[float, int]]]:
     for bench in data.get("benchmarks", []):
         name = bench["name"].removeprefix("test_")
         ops = int(bench.get("extra_info", {}).get("ops_per_round", 1))
+        if bench.get("extra_info", {}).get("reference"):
+            name = f"{name} (ref)"
         groups.setdefault(bench.get("group") or "(no group)", {})[name] = (
             float(bench["stats"]["median"]), ops)
     return groups
 
 
 def _reference(contenders: dict[str, Any]) -> str | None:
-    names = [n for n in contenders if REFERENCE in n]
+    """The contender a benchmark marked with extra_info["reference"], else the first saferring."""
+    marked = [n for n in contenders if n.endswith(" (ref)")]
+    names = marked or [n for n in contenders if REFERENCE in n]
     return names[0] if names else None
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key that puts nop-batch32 before nop-batch128."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _first_median(runs: list[dict[str, dict[str, tuple[float, int]]]], group: str, name: str) -> float:
@@ -58,7 +69,7 @@ def report(paths: list[str], markdown: bool) -> str:
     for run in runs:
         group_names += [g for g in run if g not in group_names]
     lines: list[str] = []
-    for group in sorted(group_names):
+    for group in sorted(group_names, key=_natural):
         contenders: list[str] = []
         for run in runs:
             contenders += [c for c in run.get(group, {}) if c not in contenders]

@@ -86,6 +86,31 @@ def _saferring(benchmark: Any, ring: saferring.Ring, df: Any, group: str, aligne
     _run(benchmark, df, group, one_round, final, "saferring")
 
 
+def _saferring_batch(benchmark: Any, ring: saferring.Ring, df: Any, group: str,
+                     aligned: bool) -> None:
+    bufs = Buffers(df, aligned)
+    views, fd, block, qd = bufs.views, df.fd, df.block, df.qd
+    read_many, wait, mem = ring.read_many, ring.wait, bufs.mem
+    full = [block] * qd
+
+    def one_round(offs: list[int], prefixes: list[bytes]) -> None:
+        batch = read_many(fd, mem, offs, block)
+        done = wait(1)
+        if done != [batch] or batch.result() != full:
+            pytest.fail(f"saferring: read_many returned {batch.results_or_errors()}")
+        for v, want in zip(views, prefixes, strict=True):
+            if v[:8] != want:
+                pytest.fail("saferring: read_many placed wrong data")
+
+    def final(offs: list[int], prefixes: list[bytes]) -> list[Any]:
+        bufs.zero()
+        one_round(offs, prefixes)
+        return views
+
+    benchmark.extra_info["reference"] = True
+    _run(benchmark, df, group, one_round, final, "saferring_batch")
+
+
 def _raw_cffi(benchmark: Any, r: Any, df: Any, group: str, aligned: bool) -> None:
     bufs = Buffers(df, aligned)
     views, fd, block, qd = bufs.views, df.fd, df.block, df.qd
@@ -158,7 +183,11 @@ def _os_preadv(benchmark: Any, df: Any, group: str, aligned: bool) -> None:
 # -- read4k-random-cached-qd32 ---------------------------------------------------------------------
 
 
-def test_cached_saferring(benchmark: Any, ring: saferring.Ring, cached_file: Any) -> None:
+def test_cached_saferring_batch(benchmark: Any, ring: saferring.Ring, cached_file: Any) -> None:
+    _saferring_batch(benchmark, ring, cached_file, CACHED, aligned=False)
+
+
+def test_cached_saferring_single_ops(benchmark: Any, ring: saferring.Ring, cached_file: Any) -> None:
     _saferring(benchmark, ring, cached_file, CACHED, aligned=False)
 
 
@@ -191,7 +220,11 @@ def test_cached_os_preadv(benchmark: Any, cached_file: Any) -> None:
 # -- read4k-random-odirect-qd32 --------------------------------------------------------------------
 
 
-def test_odirect_saferring(benchmark: Any, ring: saferring.Ring, direct_file: Any) -> None:
+def test_odirect_saferring_batch(benchmark: Any, ring: saferring.Ring, direct_file: Any) -> None:
+    _saferring_batch(benchmark, ring, direct_file, DIRECT, aligned=True)
+
+
+def test_odirect_saferring_single_ops(benchmark: Any, ring: saferring.Ring, direct_file: Any) -> None:
     _saferring(benchmark, ring, direct_file, DIRECT, aligned=True)
 
 

@@ -25,10 +25,11 @@ from .errors import (
     WrongThreadError,
 )
 from .features import Features
-from .operation import Operation, StatxResult
+from .operation import BatchOperation, Operation, StatxResult
 from .ring import Ring, RingStats
 
 __all__ = [
+    "BatchOperation",
     "BufferBusyError",
     "Features",
     "ForkedRingError",

@@ -18,6 +18,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from ._binding import ffi, lib
 from ._state import ALLOWED, CANCELLED, COMPLETED, FAILED, QUEUED, SUBMITTED, Action, OpState
 from .errors import OperationStateError, cancelled_error, os_error
 
@@ -35,22 +36,23 @@ class Operation(Generic[T]):
     ``user_data`` is the 64-bit tag the kernel echoes back; it is unique for the ring's lifetime.
     """
 
-    __slots__ = ("__weakref__", "_cancel_asked", "_nbytes", "_pins", "_res", "_ring", "_state",
-                 "user_data")
+    # Kept small: one is created per operation, on the hottest path of the library.
+    # "_cancel" is deliberately left unset until cancel() is asked for (read with getattr).
+    __slots__ = ("__weakref__", "_cancel", "_pins", "_res", "_ring", "_state", "user_data")
+
+    _cancel: bool  # set (True) by cancel(); unset until then
 
     #: The operation's name in messages (the kernel opcode, lower case).
     kind: ClassVar[str] = "nop"
     #: Negative results that mean success for this kind (e.g. ``ETIME`` for a timeout).
     _ok_errnos: ClassVar[frozenset[int]] = frozenset()
 
-    def __init__(self, ring: Ring, pins: object, nbytes: int) -> None:
+    def __init__(self, ring: Ring, pins: object, user_data: int) -> None:
         self._ring = ring
         self._pins = pins
-        self._nbytes = nbytes
         self._res: int | None = None
         self._state = QUEUED
-        self._cancel_asked = False
-        self.user_data = 0
+        self.user_data = user_data
 
     # -- what the ring calls ---------------------------------------------------------------
 
@@ -59,7 +61,7 @@ class Operation(Generic[T]):
         code = -res
         if code in self._ok_errnos:
             return COMPLETED
-        if code == errno.ECANCELED or (code == errno.EINTR and self._cancel_asked):
+        if code == errno.ECANCELED or (code == errno.EINTR and self.cancel_requested):
             return CANCELLED
         return FAILED
 
@@ -90,7 +92,7 @@ class Operation(Generic[T]):
     @property
     def cancel_requested(self) -> bool:
         """True if :meth:`cancel` was called (or ``Ring.close()`` cancelled it)."""
-        return self._cancel_asked
+        return getattr(self, "_cancel", False)
 
     def result(self) -> T:
         """Return the operation's value, or raise its error.
@@ -196,8 +198,8 @@ class OpenOperation(IntOperation):
     __slots__ = ("_claimed", "_path")
     kind = "openat"
 
-    def __init__(self, ring: Ring, pins: object, nbytes: int, path: Any) -> None:
-        super().__init__(ring, pins, nbytes)
+    def __init__(self, ring: Ring, pins: object, user_data: int, path: Any) -> None:
+        super().__init__(ring, pins, user_data)
         self._path = path
         self._claimed = False
 
@@ -270,8 +272,8 @@ class StatxOperation(Operation[StatxResult]):
     __slots__ = ("_out", "_path")
     kind = "statx"
 
-    def __init__(self, ring: Ring, pins: object, nbytes: int, out: Any, path: Any) -> None:
-        super().__init__(ring, pins, nbytes)
+    def __init__(self, ring: Ring, pins: object, user_data: int, out: Any, path: Any) -> None:
+        super().__init__(ring, pins, user_data)
         # The statx buffer is pinned through _pins like everything else; _out keeps it readable
         # after the final CQE released the pins (the kernel is done with it by then).
         self._out = out
@@ -306,6 +308,54 @@ class StatxOperation(Operation[StatxResult]):
             st_attributes=int(s.stx_attributes),
             stx_mask=int(s.stx_mask),
         )
+
+
+class BatchOperation(Operation[list[int]]):
+    """Many SQEs of one kind, tracked as one operation (``Ring.nop_many``, ``read_many``...).
+
+    The members' CQEs are collected in C; the batch finishes when the last member's final CQE
+    has arrived, and only then releases what it pins.  ``result()`` returns the members' results
+    in order (bytes moved, for reads and writes), or raises the first failing member's error
+    (``OSError``; its message names the member).  ``results_or_errors()`` gives every member's
+    raw result, negative errno included, without raising.
+    """
+
+    __slots__ = ("_out", "count", "member_kind")
+    kind = "batch"
+
+    def __init__(self, ring: Ring, pins: object, user_data: int, out: Any, count: int,
+                 kind: str) -> None:
+        super().__init__(ring, pins, user_data)
+        # (sr_batch struct, int32 results array): pinned via _pins while in flight, kept in _out
+        # so the results stay readable after the pins are released.
+        self._out = out
+        #: How many SQEs the batch is made of.
+        self.count = count
+        #: What each member does ("nop", "read", "write").
+        self.member_kind = kind
+
+    def results_or_errors(self) -> list[int]:
+        """Every member's raw result in order: >= 0 on success, ``-errno`` on failure."""
+        if self._res is None:
+            raise OperationStateError(f"{self._what()} has not finished")
+        return ffi.unpack(self._out[1], self.count)  # type: ignore[no-any-return]
+
+    def _value(self, res: int) -> list[int]:
+        return self.results_or_errors()
+
+    def _what(self) -> str:
+        out = getattr(self, "_out", None)
+        if self._res is not None and self._res < 0 and out is not None:
+            return (f"{self.member_kind} batch of {self.count}, member {out[0].first_error_index} "
+                    f"failed, user_data={self.user_data}")
+        return f"{self.member_kind} batch of {self.count}, user_data={self.user_data}"
+
+    def _member_user_data(self) -> list[int]:
+        """user_data of the members still waiting for their CQE (for cancellation)."""
+        batch, res = self._out
+        pending = lib.SR_RES_PENDING
+        return [lib.sr_batch_member_ud(batch, i)
+                for i, r in enumerate(ffi.unpack(res, self.count)) if r == pending]
 
 
 class CancelRequest:

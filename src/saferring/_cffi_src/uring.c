@@ -79,6 +79,27 @@ static const unsigned SR_SETUP_DEFER_TASKRUN = IORING_SETUP_DEFER_TASKRUN;
 #error "build_ffi.py defines SR_BUILD_STAMP (the package version this module was built for)"
 #endif
 
+/* A batch: one registry entry on the Python side for n SQEs.  Member i carries the user_data
+   SR_UD_BATCH | id << SR_BATCH_INDEX_BITS | i; sr_reap files each member's result into res[i]
+   in C and reports the batch to Python once, when its last member's CQE has arrived.  The id is
+   looked up in the ring's own table, never trusted as a pointer: a CQE whose user_data merely
+   looks like a member (a forged MSG_RING, say) is passed through to Python, which ignores it. */
+#define SR_UD_BATCH (1ULL << 63)
+#define SR_BATCH_INDEX_BITS 16
+#define SR_BATCH_MAX_MEMBERS (1U << SR_BATCH_INDEX_BITS)
+#define SR_BATCH_TABLE 4096
+#define SR_RES_PENDING INT32_MIN /* never a real res: -errno or a count */
+
+typedef struct {
+    uint64_t ud;         /* the batch's own user_data: its key in the Python registry */
+    uint64_t id;         /* carried by the members' user_data */
+    int32_t *res;        /* n results, SR_RES_PENDING until the member's CQE arrives */
+    uint32_t n;
+    uint32_t remaining;  /* members whose CQE has not arrived */
+    int32_t first_error; /* the first failing member's res (0: none yet) */
+    uint32_t first_error_index;
+} sr_batch;
+
 typedef struct {
     struct io_uring ring;
     uint64_t prepared_ud;
@@ -93,8 +114,27 @@ typedef struct {
     unsigned sq_mask;
     unsigned last_head; /* SQ head (or flushed tail under SQPOLL) at the last accounting */
     int cq_guard;       /* kernel drops CQEs on overflow (no IORING_FEAT_NODROP, < 5.5) */
+    uint64_t n_consumed; /* CQEs taken off the CQ (ours, batch members included) */
+    uint64_t next_batch_id;
+    sr_batch *batches[SR_BATCH_TABLE];
+    int batch_has_more; /* the last copy held a CQE with IORING_CQE_F_MORE (not final) */
     uint64_t n_prepared;
 } sr_ring;
+
+static inline sr_batch *sr_batch_of(sr_ring *r, uint64_t ud, uint32_t *index)
+{
+    uint64_t id = (ud & ~SR_UD_BATCH) >> SR_BATCH_INDEX_BITS;
+    sr_batch *b = r->batches[id % SR_BATCH_TABLE];
+
+    *index = (uint32_t)(ud & (SR_BATCH_MAX_MEMBERS - 1));
+    if (b && b->id == id && *index < b->n)
+        return b;
+    return NULL;
+}
+
+/* Added to sr_reap's count when the batch holds a non-final CQE, so the common all-final batch
+   needs no per-CQE flag test in Python. */
+#define SR_REAP_MORE (1 << 24)
 
 static const char *sr_build_stamp(void) { return SR_BUILD_STAMP; }
 
@@ -171,8 +211,17 @@ static void sr_account(sr_ring *r)
     r->last_head = head;
     r->n_submitted += delta;
     ud = r->ring.sq.sqes[(head - 1) & r->sq_mask].user_data;
-    /* liburing's own timeout SQE (old kernels, timed waits) is queued after all of ours. */
-    r->submitted_ud = (ud == LIBURING_UDATA_TIMEOUT) ? r->prepared_ud : ud;
+    if (ud == LIBURING_UDATA_TIMEOUT) {
+        /* liburing's own timeout SQE (old kernels, timed waits) is queued after all of ours. */
+        r->submitted_ud = r->prepared_ud;
+    } else if (ud & SR_UD_BATCH) {
+        uint32_t index;
+        sr_batch *b = sr_batch_of(r, ud, &index);
+        if (b)
+            r->submitted_ud = b->ud;
+    } else {
+        r->submitted_ud = ud;
+    }
 }
 
 static int sr_submit(sr_ring *r)
@@ -191,7 +240,7 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err)
 
     /* Before 5.5 a full CQ drops completions, and a dropped completion would leave its op (and
        its pins) in flight forever: never have more requests out than the CQ can hold. */
-    if (r->cq_guard && r->n_prepared - r->n_reaped >= r->cq_entries) {
+    if (r->cq_guard && (int64_t)(r->n_prepared - r->n_consumed) >= (int64_t)r->cq_entries) {
         *err = -EBUSY;
         return NULL;
     }
@@ -261,10 +310,107 @@ int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_fla
     return 0;
 }
 
+/* Register a batch of n members (n <= SR_BATCH_MAX_MEMBERS) whose results go to res[].
+   -EBUSY when SR_BATCH_TABLE batches are already in flight: the caller reaps and retries. */
+int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, int32_t *res, unsigned n)
+{
+    unsigned i, probe;
+
+    if (n == 0 || n > SR_BATCH_MAX_MEMBERS)
+        return -EINVAL;
+    for (probe = 0; probe < SR_BATCH_TABLE; probe++) {
+        uint64_t id = r->next_batch_id++ & ((1ULL << (63 - SR_BATCH_INDEX_BITS)) - 1);
+        if (r->batches[id % SR_BATCH_TABLE])
+            continue;
+        b->ud = ud;
+        b->id = id;
+        b->res = res;
+        b->n = n;
+        b->remaining = n;
+        b->first_error = 0;
+        b->first_error_index = 0;
+        for (i = 0; i < n; i++)
+            res[i] = SR_RES_PENDING;
+        r->batches[id % SR_BATCH_TABLE] = b;
+        return 0;
+    }
+    return -EBUSY;
+}
+
+/* Members [start, n) were never prepared (the kernel refused more SQEs): settle them with err so
+   the batch completes when the prepared members do.  Returns 1 if nothing is left in flight. */
+int sr_batch_abandon(sr_ring *r, sr_batch *b, unsigned start, int err)
+{
+    unsigned i;
+
+    for (i = start; i < b->n; i++) {
+        if (b->res[i] == SR_RES_PENDING) {
+            b->res[i] = err;
+            b->remaining--;
+            if (!b->first_error) {
+                b->first_error = err;
+                b->first_error_index = i;
+            }
+        }
+    }
+    if (b->remaining == 0) {
+        r->batches[b->id % SR_BATCH_TABLE] = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+static inline uint64_t sr_member_ud(const sr_batch *b, unsigned i)
+{
+    return SR_UD_BATCH | (b->id << SR_BATCH_INDEX_BITS) | i;
+}
+
+uint64_t sr_batch_member_ud(sr_batch *b, unsigned i) { return sr_member_ud(b, i); }
+
+/* Prepare members [start, start + count) of batch b.  Each returns how many it prepared (fewer
+   when the kernel would not take more: the caller reaps and calls again for the rest), or
+   -errno if it prepared none. */
+int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned start, unsigned count)
+{
+    unsigned i;
+    int err = 0;
+
+    for (i = 0; i < count; i++) {
+        struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+        if (!sqe)
+            break;
+        io_uring_prep_rw(IORING_OP_NOP, sqe, -1, NULL, 0, 0);
+        sqe->user_data = sr_member_ud(b, start + i);
+    }
+    if (i)
+        r->prepared_ud = b->ud;
+    return i ? (int)i : err;
+}
+
+/* Reads or writes of block bytes each: member i moves base + i * block at file offset offs[i]. */
+int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned start, unsigned count, int opcode,
+                      int fd, char *base, unsigned block, const uint64_t *offs)
+{
+    unsigned i;
+    int err = 0;
+
+    for (i = 0; i < count; i++) {
+        unsigned m = start + i;
+        struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+        if (!sqe)
+            break;
+        io_uring_prep_rw(opcode, sqe, fd, base + (size_t)m * block, block, offs[m]);
+        sqe->user_data = sr_member_ud(b, m);
+    }
+    if (i)
+        r->prepared_ud = b->ud;
+    return i ? (int)i : err;
+}
+
 static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *res, uint32_t *flags)
 {
     struct io_uring_cqe *cqe;
-    unsigned head, seen = 0, n = 0;
+    unsigned head, seen = 0, n = 0, more = 0;
 
     io_uring_for_each_cqe(&r->ring, head, cqe) {
         if (n == cap)
@@ -273,12 +419,37 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
         /* liburing's internal wait timeout (kernels without EXT_ARG) is not ours. */
         if (cqe->user_data == LIBURING_UDATA_TIMEOUT)
             continue;
+        r->n_consumed++;
+        if ((cqe->user_data & SR_UD_BATCH) && !(cqe->flags & IORING_CQE_F_MORE)) {
+            uint32_t index;
+            sr_batch *b = sr_batch_of(r, cqe->user_data, &index);
+            if (b) {
+                if (b->res[index] != SR_RES_PENDING)
+                    continue; /* a member ends once; anything more is not a final CQE of ours */
+                b->res[index] = cqe->res;
+                if (cqe->res < 0 && !b->first_error) {
+                    b->first_error = cqe->res;
+                    b->first_error_index = index;
+                }
+                if (--b->remaining)
+                    continue;
+                /* Last member: the batch itself completes, as one CQE for Python. */
+                r->batches[b->id % SR_BATCH_TABLE] = NULL;
+                ud[n] = b->ud;
+                res[n] = b->first_error ? b->first_error : (int32_t)b->n;
+                flags[n] = 0;
+                n++;
+                continue;
+            }
+        }
         ud[n] = cqe->user_data;
         res[n] = cqe->res;
         flags[n] = cqe->flags;
+        more |= cqe->flags & IORING_CQE_F_MORE;
         n++;
     }
     io_uring_cq_advance(&r->ring, seen);
+    r->batch_has_more = more != 0;
     r->n_reaped += n;
     return n;
 }
@@ -301,7 +472,8 @@ static int sr_get_events(sr_ring *r)
 }
 
 /* Submit pending SQEs, wait until at least wait_nr CQEs are ready (timeout_ns < 0: no limit), then
-   copy up to cap CQEs out.  Returns the number copied, or -errno when none were copied and the
+   copy up to cap CQEs out (cap < 2^24).  Returns the number copied (plus SR_REAP_MORE if one of
+   them is not its operation's final CQE), or -errno when none were copied and the
    wait failed (-ETIME: timed out, -EINTR: a signal arrived; Python runs its handler and retries). */
 int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
             uint64_t *ud, int32_t *res, uint32_t *flags)
@@ -334,6 +506,6 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
         n = sr_copy_cqes(r, cap, ud, res, flags);
     }
     if (n)
-        return (int)n;
+        return (int)n | (r->batch_has_more ? SR_REAP_MORE : 0);
     return ret < 0 ? ret : 0;
 }
