@@ -112,11 +112,11 @@ class Operation(Generic[T]):
         code = -self._res  # type: ignore[operator]  # terminal states always carry res
         if state is CANCELLED:
             raise cancelled_error(code, self._what())
-        exc = os_error(code, self._what())
         filename = self._filename()
         if filename is not None:
-            exc.filename = filename
-        raise exc
+            # Like os.open's errors: the plain strerror, with the path as ``filename``.
+            raise OSError(code, os.strerror(code), filename)
+        raise os_error(code, self._what())
 
     def cancel(self) -> None:
         """Ask the kernel to cancel this operation (an ``IORING_OP_ASYNC_CANCEL`` request).
