@@ -43,7 +43,7 @@ class LifeCycle(RuleBasedStateMachine):
         self.kept.append(op)
         self.expected_open.add(op.user_data)
         # the batch's C bookkeeping (sr_batch struct and int32 results) is pinned with it
-        self.sizes[op.user_data] = ffi.sizeof("sr_batch") + 4 * count
+        self.sizes[op.user_data] = ffi.sizeof("sr_batch") + 4 * count  # results are inline
 
     @rule(which=st.integers(0, 1), size=st.integers(1, 64))
     def queue_pipe_read(self, which: int, size: int) -> None:

@@ -323,12 +323,17 @@ class BatchOperation(Operation[list[int]]):
     __slots__ = ("_out", "count", "member_kind")
     kind = "batch"
 
-    def __init__(self, ring: Ring, pins: object, user_data: int, out: Any, count: int,
+    def __init__(self, ring: Ring, pins: object, user_data: int, batch: Any, count: int,
                  kind: str) -> None:
-        super().__init__(ring, pins, user_data)
-        # (sr_batch struct, int32 results array): pinned via _pins while in flight, kept in _out
+        # One level of __init__ (no super() call): this runs once per batch on the hot path.
+        self._ring = ring
+        self._pins = pins
+        self._res = None
+        self._state = QUEUED
+        self.user_data = user_data
+        # The sr_batch struct (results inline): pinned via _pins while in flight, kept in _out
         # so the results stay readable after the pins are released.
-        self._out = out
+        self._out = batch
         #: How many SQEs the batch is made of.
         self.count = count
         #: What each member does ("nop", "read", "write").
@@ -338,7 +343,7 @@ class BatchOperation(Operation[list[int]]):
         """Every member's raw result in order: >= 0 on success, ``-errno`` on failure."""
         if self._res is None:
             raise OperationStateError(f"{self._what()} has not finished")
-        return ffi.unpack(self._out[1], self.count)  # type: ignore[no-any-return]
+        return ffi.unpack(self._out.res, self.count)  # type: ignore[no-any-return]
 
     def _value(self, res: int) -> list[int]:
         return self.results_or_errors()
@@ -346,16 +351,16 @@ class BatchOperation(Operation[list[int]]):
     def _what(self) -> str:
         out = getattr(self, "_out", None)
         if self._res is not None and self._res < 0 and out is not None:
-            return (f"{self.member_kind} batch of {self.count}, member {out[0].first_error_index} "
+            return (f"{self.member_kind} batch of {self.count}, member {out.first_error_index} "
                     f"failed, user_data={self.user_data}")
         return f"{self.member_kind} batch of {self.count}, user_data={self.user_data}"
 
     def _member_user_data(self) -> list[int]:
         """user_data of the members still waiting for their CQE (for cancellation)."""
-        batch, res = self._out
+        batch = self._out
         pending = lib.SR_RES_PENDING
         return [lib.sr_batch_member_ud(batch, i)
-                for i, r in enumerate(ffi.unpack(res, self.count)) if r == pending]
+                for i, r in enumerate(ffi.unpack(batch.res, self.count)) if r == pending]
 
 
 class CancelRequest:

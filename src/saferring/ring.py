@@ -354,31 +354,31 @@ class Ring:
         self._internal.pop(ud, None)
         raise os_error(-rc, "no submission queue entry could be obtained")
 
-    def _batch(self, count: int, kind: str, pins: Any, prep: Any, *args: Any) -> BatchOperation:
+    def _batch(self, count: int, kind: str, pins: Any, prep: Any, *args: Any,
+               per_member: Any = lambda done: ()) -> BatchOperation:
         """Register one BatchOperation for ``count`` SQEs and prepare them in C.
 
-        ``prep(c, batch, start, n, *args)`` prepares members [start, start + n) and returns how
-        many it managed; the rest are retried after reaping.  If the kernel refuses for good,
-        the unprepared members are settled with the error and the prepared ones run to their
-        CQEs as usual: the batch still ends exactly once.
+        ``prep(c, batch, start, n, *args, *per_member(start))`` prepares members
+        [start, start + n) and returns how many it managed; the rest are retried after
+        reaping (``per_member`` supplies inputs that start at member ``start``).  If the
+        kernel refuses for good, the unprepared members are settled with the error and the
+        prepared ones run to their CQEs as usual: the batch still ends exactly once.
         """
         if count > _MAX_BATCH:
             raise ValueError(f"a batch holds at most {_MAX_BATCH} operations, got {count}")
-        batch = ffi.new("sr_batch *")
-        results = ffi.new("int32_t[]", count)
+        batch = ffi.new("sr_batch *", {"res": count})  # results inline (flexible array member)
         ud = self._next_ud
         self._next_ud = ud + 1
         c = self._c
-        rc = lib.sr_batch_begin(c, batch, ud, results, count)
+        rc = lib.sr_batch_begin(c, batch, ud, count)
         while rc == -errno.EBUSY:  # every slot of the batch table is in flight
             self._make_room()
-            rc = lib.sr_batch_begin(c, batch, ud, results, count)
-        op = self._registry[ud] = BatchOperation(self, (pins, batch, results), ud,
-                                                 (batch, results), count, kind)
+            rc = lib.sr_batch_begin(c, batch, ud, count)
+        op = self._registry[ud] = BatchOperation(self, (pins, batch), ud, batch, count, kind)
         done = 0
         failures = 0
         while done < count:
-            rc = prep(c, batch, done, count - done, *args)
+            rc = prep(c, batch, done, count - done, *args, *per_member(done))
             if rc > 0:
                 done += rc
                 continue
@@ -489,27 +489,31 @@ class Ring:
 
     def _rw_many(self, opcode: int, fd: int, buffer: Any, offsets: Any, block_size: int,
                  writable: bool) -> BatchOperation:
-        self._check_context(opcode)
+        if _get_ident() != self._owner:
+            self._refuse()
+        if not self._sup[opcode]:
+            self._unsupported(opcode)
         pin = _pinning.writable(buffer) if writable else _pinning.readable(buffer)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         _pinning.check_len(block_size)
         try:
+            # Converted before anything is registered; the SQEs copy the values, so the array
+            # needs no pin.
             offs = ffi.new("uint64_t[]", offsets)
         except OverflowError:
             raise ValueError("offsets must be >= 0 (and below 2**64)") from None
         except TypeError:
             raise TypeError("offsets must be a sequence of ints") from None
         count = len(offs)
+        if not count:
+            raise ValueError("offsets is empty: a batch needs at least one operation")
         if count * block_size > len(pin):
             raise ValueError(f"{count} blocks of {block_size} bytes need {count * block_size} "
                              f"bytes, but the buffer holds {len(pin)}")
-        if not count:
-            raise ValueError("offsets is empty: a batch needs at least one operation")
-        kind = "read" if writable else "write"
-        # offs is only read while the SQEs are prepared: it needs no pin.
-        return self._batch(count, kind, pin, lib.sr_prep_rw_blocks, opcode, fd, pin, block_size,
-                           offs)
+        return self._batch(count, "read" if writable else "write", pin, lib.sr_prep_rw_blocks,
+                           opcode, fd, pin, block_size,
+                           per_member=lambda done: (offs + done if done else offs,))
 
     def readv(self, fd: int, buffers: Any, offset: int = -1) -> ReadvOperation:
         """Queue a vectored read into a sequence of writable buffers (filled in order)."""

@@ -93,11 +93,11 @@ static const unsigned SR_SETUP_DEFER_TASKRUN = IORING_SETUP_DEFER_TASKRUN;
 typedef struct {
     uint64_t ud;         /* the batch's own user_data: its key in the Python registry */
     uint64_t id;         /* carried by the members' user_data */
-    int32_t *res;        /* n results, SR_RES_PENDING until the member's CQE arrives */
     uint32_t n;
     uint32_t remaining;  /* members whose CQE has not arrived */
     int32_t first_error; /* the first failing member's res (0: none yet) */
     uint32_t first_error_index;
+    int32_t res[];       /* n results, SR_RES_PENDING until the member's CQE arrives */
 } sr_batch;
 
 typedef struct {
@@ -310,9 +310,9 @@ int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_fla
     return 0;
 }
 
-/* Register a batch of n members (n <= SR_BATCH_MAX_MEMBERS) whose results go to res[].
+/* Register a batch of n members (n <= SR_BATCH_MAX_MEMBERS; b has room for n results).
    -EBUSY when SR_BATCH_TABLE batches are already in flight: the caller reaps and retries. */
-int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, int32_t *res, unsigned n)
+int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n)
 {
     unsigned i, probe;
 
@@ -324,13 +324,12 @@ int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, int32_t *res, unsigned 
             continue;
         b->ud = ud;
         b->id = id;
-        b->res = res;
         b->n = n;
         b->remaining = n;
         b->first_error = 0;
         b->first_error_index = 0;
         for (i = 0; i < n; i++)
-            res[i] = SR_RES_PENDING;
+            b->res[i] = SR_RES_PENDING;
         r->batches[id % SR_BATCH_TABLE] = b;
         return 0;
     }
@@ -387,7 +386,8 @@ int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned start, unsigned count)
     return i ? (int)i : err;
 }
 
-/* Reads or writes of block bytes each: member i moves base + i * block at file offset offs[i]. */
+/* Reads or writes of block bytes each: member m moves base + m * block at file offset
+   offs[m - start] (offs holds the offsets of the members still to prepare). */
 int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned start, unsigned count, int opcode,
                       int fd, char *base, unsigned block, const uint64_t *offs)
 {
@@ -399,7 +399,7 @@ int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned start, unsigned count, i
         struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
         if (!sqe)
             break;
-        io_uring_prep_rw(opcode, sqe, fd, base + (size_t)m * block, block, offs[m]);
+        io_uring_prep_rw(opcode, sqe, fd, base + (size_t)m * block, block, offs[i]);
         sqe->user_data = sr_member_ud(b, m);
     }
     if (i)

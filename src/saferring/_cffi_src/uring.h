@@ -74,11 +74,11 @@ struct io_uring_probe;
 typedef struct {
     uint64_t ud;
     uint64_t id;
-    int32_t *res;
     uint32_t n;
     uint32_t remaining;
     int32_t first_error;
     uint32_t first_error_index;
+    int32_t res[];
 } sr_batch;
 #define SR_BATCH_MAX_MEMBERS ...
 #define SR_RES_PENDING ...
@@ -123,7 +123,7 @@ int sr_prep_nop(sr_ring *r, uint64_t ud);
 int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsigned len,
             uint64_t off, unsigned op_flags, unsigned sqe_flags);
 int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_flags);
-int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, int32_t *res, unsigned n);
+int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n);
 int sr_batch_abandon(sr_ring *r, sr_batch *b, unsigned start, int err);
 uint64_t sr_batch_member_ud(sr_batch *b, unsigned i);
 int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned start, unsigned count);
