@@ -412,6 +412,9 @@ class Ring:
             self._refuse()
         return self._batch(_count(count), "nop", None, lib.sr_prep_nops)
 
+    # read() and write() repeat each other's shape on purpose: they are the single-operation hot
+    # path, and a shared helper costs one more Python call per operation.
+
     def read(self, fd: int, buffer: Any, offset: int = -1) -> ReadOperation:
         """Queue a read of up to ``len(buffer)`` bytes from ``fd`` into ``buffer``.
 
