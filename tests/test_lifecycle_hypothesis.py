@@ -43,7 +43,9 @@ class LifeCycle(RuleBasedStateMachine):
         self.kept.append(op)
         self.expected_open.add(op.user_data)
         # the batch's C bookkeeping (sr_batch struct and int32 results) is pinned with it
-        self.sizes[op.user_data] = ffi.sizeof("sr_batch") + 4 * count  # results are inline
+        # the sr_batch struct with its count int32 results inline
+        self.sizes[op.user_data] = max(ffi.sizeof("sr_batch"),
+                                       ffi.offsetof("sr_batch", "res") + 4 * count)
 
     @rule(which=st.integers(0, 1), size=st.integers(1, 64))
     def queue_pipe_read(self, which: int, size: int) -> None:

@@ -9,7 +9,11 @@ and an ``ffi.new`` cdata owns its C memory.  The ring keeps these objects in the
 
 from __future__ import annotations
 
+import array
+import io
 import math
+import mmap
+import operator
 import os
 from typing import Any
 
@@ -17,6 +21,7 @@ from ._binding import ffi
 
 _from_buffer = ffi.from_buffer if ffi is not None else None
 MAX_LEN = 0xFFFF_FFFF  # the SQE's len field is 32 bits
+MAX_SECONDS = 1e15  # ~31 million years: fits a 64-bit timespec with room to spare
 
 
 def not_writable(obj: Any, exc: Exception) -> TypeError:
@@ -33,8 +38,38 @@ def not_readable(obj: Any, exc: Exception) -> TypeError:
     )
 
 
+#: Exporters that refuse to move or free their memory while a buffer export is held (they raise
+#: BufferError instead).  Others may not: ``ctypes.resize`` reallocates an array under a live
+#: export, which would leave the kernel writing into freed memory.  So only these are accepted,
+#: directly or through (possibly nested) memoryviews of them.
+LOCKING_EXPORTERS = (bytearray, bytes, array.array, mmap.mmap, io.BytesIO)
+
+
+def check_exporter(obj: Any, writable: bool) -> None:
+    """``TypeError`` unless ``obj`` is (a memoryview of) an exporter that locks its memory."""
+    base = obj
+    while isinstance(base, memoryview):
+        base = base.obj  # ValueError for a released view, as Python's own I/O raises
+    if not isinstance(base, LOCKING_EXPORTERS):
+        what = "a read target" if writable else "data to write"
+        raise TypeError(
+            f"{what} must be a bytearray, array.array, mmap or memoryview of one"
+            f"{'' if writable else ' (or bytes)'}, whose memory cannot move while the kernel "
+            f"uses it; got {type(base).__name__}. Copy other buffers into a bytearray first."
+        )
+
+
+def index(value: Any, name: str) -> int:
+    """``value`` as an int (``operator.index``), or ``TypeError`` naming the argument."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
 def writable(obj: Any) -> Any:
     """Pin a buffer the kernel will write into; ``TypeError`` unless it is writable and contiguous."""
+    check_exporter(obj, True)
     try:
         # Positional require_writable: cffi parses keyword arguments slowly (~2x the call).
         return _from_buffer("char[]", obj, True)  # type: ignore[misc]
@@ -44,6 +79,7 @@ def writable(obj: Any) -> Any:
 
 def readable(obj: Any) -> Any:
     """Pin a buffer the kernel will read from; ``TypeError`` unless it is a contiguous bytes-like."""
+    check_exporter(obj, False)
     try:
         return _from_buffer(obj)  # type: ignore[misc]
     except (TypeError, BufferError) as exc:
@@ -94,8 +130,9 @@ def timespec(seconds: float) -> Any:
         value = float(seconds)
     except (TypeError, ValueError):
         raise TypeError(f"seconds must be a number, got {type(seconds).__name__}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"seconds must be finite and >= 0, got {seconds!r}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"seconds must be finite, >= 0 and at most {MAX_SECONDS:g}; "
+                         f"got {seconds!r}")
     ts = ffi.new("struct __kernel_timespec *")
     whole = int(value)
     ts.tv_sec = whole

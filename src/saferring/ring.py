@@ -36,16 +36,21 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
+import math
 import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from . import _pinning
 from ._binding import LIBURING_VERSION, UNAVAILABLE_REASON, ffi, lib
+from ._state import CANCELLED as _CANCELLED
 from ._state import COMPLETED as _COMPLETED
+from ._state import FAILED as _FAILED
 from .errors import (
     ForkedRingError,
     OperationStateError,
@@ -76,10 +81,8 @@ from .operation import (
 _get_ident = threading.get_ident
 _unpack: Any = ffi.unpack if ffi is not None else None
 _from_buffer: Any = ffi.from_buffer if ffi is not None else None
-_REAP_MORE = lib.SR_REAP_MORE if lib is not None else 0
 _MAX_LEN = _pinning.MAX_LEN
 _MAX_BATCH = lib.SR_BATCH_MAX_MEMBERS if lib is not None else 0
-_F_MORE = 1 << 1  # IORING_CQE_F_MORE: more CQEs will follow for this user_data
 _M64 = (1 << 64) - 1
 _NO_OWNER = -1  # _owner of a ring that is closed or belongs to a parent process
 _RETRYABLE = frozenset({errno.EBUSY, errno.EAGAIN, errno.EINTR, errno.ETIME})
@@ -96,6 +99,60 @@ _OP_STATX, _OP_TIMEOUT, _OP_CANCEL = OP["STATX"], OP["TIMEOUT"], OP["ASYNC_CANCE
 _live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
 # Rings that could not be drained (see module docstring): never freed.
 _graveyard: list[Ring] = []
+
+_EEXIST_MESSAGE = (
+    "the kernel refuses this thread (EEXIST): the ring was created with single_issuer or "
+    "defer_taskrun by another thread, and only that thread may submit to it")
+_BUSY = -2  # _owner while a call is running on the ring: re-entry is refused
+_BATCH_TABLE = 4096  # SR_BATCH_TABLE in uring.c
+_NEG_ECANCELED = -errno.ECANCELED
+_NEG_EINTR = -errno.EINTR
+_MAX_OFFSET = (1 << 63) - 1
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _exclusive(method: Callable[Concatenate[Ring, P], R]) -> Callable[Concatenate[Ring, P], R]:
+    """Run a Ring method only on the owner thread, and mark the ring busy while it runs.
+
+    Marking it busy is what refuses re-entry: user code can run in the middle of a call (an
+    iterator being consumed, ``__index__`` of an argument, a finaliser run by the garbage
+    collector, a pin's ``__del__`` when the kernel is done with it, a signal handler), and such
+    code must not close or drive the ring underneath the call.
+    """
+
+    def exclusive(self: Ring, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        owner = self._owner
+        if _get_ident() != owner:
+            self._refuse()
+        self._owner = _BUSY
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._owner = _NO_OWNER if self._forked else owner
+
+    functools.update_wrapper(exclusive, method)
+    return exclusive
+
+
+def _check_offset(offset: int) -> None:
+    if not -1 <= offset <= _MAX_OFFSET:
+        raise ValueError(f"offset must be between 0 and 2**63-1, or -1 for the file position; "
+                         f"got {offset}")
+
+
+def _deadline(timeout: float | None) -> tuple[int, float]:
+    """(timeout in ns for the kernel, -1 for none; monotonic deadline) for wait()."""
+    if timeout is None or timeout == math.inf:
+        return -1, 0.0
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+    timeout_ns = min(int(timeout * 1e9), _MAX_WAIT_NS)
+    return timeout_ns, time.monotonic() + timeout_ns / 1e9
+
+
+_MAX_WAIT_NS = 1 << 62  # about 146 years: longer timeouts are as good as none
 
 
 class RingStats(NamedTuple):
@@ -123,12 +180,13 @@ class Ring:
 
     Every method that prepares an operation returns an :class:`Operation` whose SQE is queued;
     :meth:`submit`, :meth:`wait` and :meth:`run` hand queued SQEs to the kernel.  Use the ring as
-    a context manager, or call :meth:`close`; a ring belongs to the thread that created it.
+    a context manager, or call :meth:`close`.  A ring belongs to the thread that created it;
+    ``stats()``, ``features`` and ``closed`` may be read from any thread.
     """
 
-    __slots__ = ("__weakref__", "_busy", "_c", "_closed", "_cq_flags", "_cq_res", "_cq_size",
-                 "_cq_ud", "_features", "_forked", "_internal", "_next_ud", "_owner", "_ready",
-                 "_registry", "_sup")
+    __slots__ = ("__weakref__", "_backlog", "_c", "_cancelled", "_closed", "_cq_flags",
+                 "_cq_res", "_cq_size", "_cq_ud", "_features", "_forked", "_internal",
+                 "_next_ud", "_owner", "_owner_ident", "_ready", "_registry", "_sup")
 
     def __init__(
         self,
@@ -142,13 +200,14 @@ class Ring:
         cq_entries: int | None = None,
     ) -> None:
         # Safe defaults first: if anything below raises, __del__ finds a closed ring.
-        self._closed = True
         self._owner = _NO_OWNER
+        self._closed = True
         self._forked = False
-        self._busy = False
         self._registry: dict[int, Operation[Any]] = {}
         self._internal: dict[int, CancelRequest] = {}
         self._ready: list[Operation[Any]] = []
+        self._cancelled: set[int] = set()
+        self._backlog: Any = None
         if lib is None:
             raise UnsupportedPlatformError(f"saferring cannot create a Ring: {UNAVAILABLE_REASON}")
 
@@ -162,8 +221,6 @@ class Ring:
         if rc < 0:
             raise _setup_error(-rc, entries, requested, sq_thread_idle, cq_entries)
         self._c = c
-        self._closed = False
-        self._owner = _get_ident()
         self._next_ud = 1
         self._cq_size = int(c.cq_entries)
         self._cq_ud = ffi.new("uint64_t[]", self._cq_size)
@@ -178,6 +235,9 @@ class Ring:
             supported, max(known, 0), int(c.features), int(c.setup_flags),
             int(c.sq_entries), self._cq_size, LIBURING_VERSION,
         )
+        self._owner_ident = _get_ident()
+        self._closed = False
+        self._owner = self._owner_ident
         _live_rings.add(self)
 
     # -- life cycle ------------------------------------------------------------------------
@@ -197,7 +257,8 @@ class Ring:
     @property
     def fd(self) -> int:
         """The ring's file descriptor (for ``poll``/``epoll``-style readiness, not for I/O)."""
-        self._check_open()
+        if _get_ident() != self._owner:
+            self._refuse()
         return int(self._c.ring.ring_fd)
 
     @property
@@ -211,70 +272,80 @@ class Ring:
         Idempotent.  Returns only when the kernel holds no reference to any memory an operation
         pinned; operations end ``CANCELLED`` (or ``COMPLETED``/``FAILED`` if they finished
         first).  In a forked child it only drops the child's copy of the ring.  Raises
-        :class:`WrongThreadError` from a thread that does not own the ring.
+        :class:`WrongThreadError` from a thread that does not own the ring, and
+        :class:`OperationStateError` from code running inside another call on the ring.
         """
         if self._closed:
             return
         if self._forked:
             self._drop_forked_copy()
             return
-        if _get_ident() != self._owner:
-            raise WrongThreadError(self._thread_message())
-        if self._busy:
-            raise OperationStateError("close() was called from inside another call on this ring")
-        self._shutdown()
-
-    def _shutdown(self) -> None:
-        self._busy = True
+        owner = self._owner
+        if _get_ident() != owner:
+            self._refuse()
+        self._owner = _BUSY
         try:
             self._drain()
-        finally:
-            self._busy = False
-        lib.sr_ring_exit(self._c)
+        except BaseException:
+            self._owner = owner  # still open: the caller may retry
+            raise
+        self._teardown()
+
+    def _teardown(self) -> None:
+        # Mark closed before the C call: nothing (no signal handler) can then see a ring that is
+        # open in Python and torn down in C.
         self._closed = True
         self._owner = _NO_OWNER
         self._ready = []
         self._internal.clear()
+        self._backlog = None
+        lib.sr_ring_exit(self._c)
 
     def _drain(self) -> None:
         """Cancel all in-flight operations and reap until every one has its final CQE."""
         registry = self._registry
         last_cancel = -_RECANCEL_SECONDS
-        while registry:
+        while registry or self._backlog is not None:
             now = time.monotonic()
             if now - last_cancel >= _RECANCEL_SECONDS:
                 # Repeated because a cancel can miss: an op that was running when the first
                 # request arrived (-EALREADY) may block again later.
                 for op in list(registry.values()):
                     op._cancel = True
+                    self._cancelled.add(op.user_data)
                     self._queue_cancel(op)
                 last_cancel = now
-            n = lib.sr_reap(self._c, 1, 100_000_000, self._cq_size,
-                            self._cq_ud, self._cq_res, self._cq_flags)
-            if n > 0:
-                self._dispatch(n)
-            elif n < 0 and -n not in _RETRYABLE:
-                raise os_error(-n, "io_uring_enter while closing the ring")
+            self._reap(1, 100_000_000)
 
     def _drop_forked_copy(self) -> None:
         # The child's copy of the ring: unmapping it and closing the child's fd touches nothing
         # the parent's kernel requests use.  The pins are copy-on-write copies: safe to drop.
-        lib.sr_ring_exit(self._c)
-        self._closed = True
         self._registry.clear()
-        self._internal.clear()
-        self._ready = []
+        self._teardown()
 
     def __del__(self) -> None:
-        if getattr(self, "_closed", True):
+        # First, atomically (no call, so no thread switch, in between): take the ring away from
+        # its owner.  A finaliser can race a thread that resurrected the ring through a weakref;
+        # from here on such a thread is refused, and if one is already inside a call
+        # (_owner is _BUSY) the ring cannot be drained from here at all.
+        try:
+            owner = self._owner
+            self._owner = _NO_OWNER
+        except AttributeError:
+            return
+        if self._closed:
+            return
+        if owner == _BUSY:
+            _bury(self)
             return
         try:
             if self._forked:
                 self._drop_forked_copy()
             else:
-                # Nobody else references the ring, so no other call can be running on it: a
-                # finaliser may drain it from whatever thread the garbage collector runs in.
-                self._shutdown()
+                # Nobody else can be inside the ring now: the finaliser may drain it from
+                # whatever thread the garbage collector runs in.
+                self._drain()
+                self._teardown()
         except BaseException:  # noqa: BLE001 - any failure: never free what the kernel may use
             _bury(self)
 
@@ -288,22 +359,21 @@ class Ring:
         """Raise the right error for a call from the wrong context (the hot paths' slow path)."""
         if self._forked and not self._closed:
             raise ForkedRingError(
-                "this Ring was created by the parent process (pid before fork); a forked child "
-                "must not use it. Create a new Ring in the child."
+                "this Ring was created by the parent process; a forked child must not use it. "
+                "Create a new Ring in the child."
             )
         if self._closed:
             raise RingClosedError("the Ring is closed")
-        if self._busy:
-            raise OperationStateError("the ring was re-entered from inside one of its own calls")
+        if self._owner == _BUSY and _get_ident() == self._owner_ident:
+            raise OperationStateError(
+                "the ring was re-entered: a ring method was called from code that runs inside "
+                "another call on the same ring (a finaliser, a signal handler, an iterator or "
+                "__index__ of an argument)")
         raise WrongThreadError(self._thread_message())
 
     def _thread_message(self) -> str:
-        return (f"this Ring belongs to thread {self._owner}, not {_get_ident()}: a ring is used "
-                "from the thread that created it (create one Ring per thread)")
-
-    def _check_open(self) -> None:
-        if self._closed or self._forked:
-            self._refuse()
+        return (f"this Ring belongs to thread {self._owner_ident}, not {_get_ident()}: a ring is "
+                "used from the thread that created it (create one Ring per thread)")
 
     def _unsupported(self, opcode: int) -> None:
         raise UnsupportedOperationError(
@@ -311,35 +381,53 @@ class Ring:
             f"Linux {since(opcode)}; ring.features lists what this kernel has)"
         )
 
+    def _require(self, opcode: int) -> None:
+        if not self._sup[opcode]:
+            self._unsupported(opcode)
+
     def _submitted_watermark(self) -> int:
         return int(self._c.submitted_ud)
 
     # -- preparing operations ----------------------------------------------------------------
+    #
+    # The order is what keeps the promise: (1) everything the kernel will touch is pinned and
+    # every argument checked, (2) the operation goes into the registry, (3) C writes the SQE.
+    # If (3) raises (cffi could not convert an argument, or an asynchronous exception arrived
+    # after the call), the registry entry is removed only if C never wrote the SQE, which C
+    # records in prepared_ud.
 
     def _take_ud(self) -> int:
         ud = self._next_ud
         self._next_ud = ud + 1
         return ud
 
+    def _unregister_if_unprepared(self, ud: int, exc: BaseException) -> BaseException:
+        """Undo step (2) after step (3) raised, unless the SQE exists; return what to raise."""
+        if int(self._c.prepared_ud) != ud:
+            self._registry.pop(ud, None)
+            self._internal.pop(ud, None)
+        if isinstance(exc, OverflowError):
+            return ValueError(f"an argument is out of range for the kernel ABI: {exc}")
+        return exc
+
     def _queue(self, op: Any, opcode: int, fd: int, addr: Any, length: int, off: int,
                op_flags: int) -> Any:
-        """Register ``op`` and write its SQE.  The registry entry comes first, so there is no
-        moment at which the kernel can see the SQE while its memory is unpinned."""
+        """Register ``op`` and write its SQE (the generic path: one C call)."""
         ud = op.user_data
         self._registry[ud] = op
-        rc = lib.sr_prep(self._c, ud, opcode, fd, addr, length, off, op_flags, 0)
-        if rc < 0:
-            self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, opcode, fd, addr, length, off,
-                             op_flags, 0)
+        try:
+            rc = lib.sr_prep(self._c, ud, opcode, fd, addr, length, off, op_flags, 0)
+            if rc < 0:
+                self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, opcode, fd, addr, length,
+                                 off, op_flags, 0)
+        except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+            raise self._unregister_if_unprepared(ud, exc) from None
         return op
 
     def _make_room(self) -> None:
         """Reap whatever has completed (waiting briefly if anything is in flight), so that a
         full SQ or a kernel holding back (CQ backlog, the pre-5.5 CQ guard) can take more."""
-        n = lib.sr_reap(self._c, 1 if self._registry or self._internal else 0, 10_000_000,
-                        self._cq_size, self._cq_ud, self._cq_res, self._cq_flags)
-        if n > 0:
-            self._dispatch(n)
+        self._reap(1 if self._registry or self._internal else 0, 10_000_000)
 
     def _prep_retry(self, ud: int, rc: int, prep: Any, *args: Any) -> None:
         """The SQ is full and the kernel would not take more: reap, then retry."""
@@ -354,63 +442,25 @@ class Ring:
         self._internal.pop(ud, None)
         raise os_error(-rc, "no submission queue entry could be obtained")
 
-    def _batch(self, count: int, kind: str, pins: Any, prep: Any, *args: Any,
-               per_member: Any = lambda done: ()) -> BatchOperation:
-        """Register one BatchOperation for ``count`` SQEs and prepare them in C.
-
-        ``prep(c, batch, start, n, *args, *per_member(start))`` prepares members
-        [start, start + n) and returns how many it managed; the rest are retried after
-        reaping (``per_member`` supplies inputs that start at member ``start``).  If the
-        kernel refuses for good, the unprepared members are settled with the error and the
-        prepared ones run to their CQEs as usual: the batch still ends exactly once.
-        """
-        if count > _MAX_BATCH:
-            raise ValueError(f"a batch holds at most {_MAX_BATCH} operations, got {count}")
-        batch = ffi.new("sr_batch *", {"res": count})  # results inline (flexible array member)
-        ud = self._next_ud
-        self._next_ud = ud + 1
-        c = self._c
-        rc = lib.sr_batch_begin(c, batch, ud, count)
-        while rc == -errno.EBUSY:  # every slot of the batch table is in flight
-            self._make_room()
-            rc = lib.sr_batch_begin(c, batch, ud, count)
-        op = self._registry[ud] = BatchOperation(self, (pins, batch), ud, batch, count, kind)
-        done = 0
-        failures = 0
-        while done < count:
-            rc = prep(c, batch, done, count - done, *args, *per_member(done))
-            if rc > 0:
-                done += rc
-                continue
-            failures += 1
-            if -rc not in _RETRYABLE or failures > 1000:
-                if lib.sr_batch_abandon(c, batch, done, rc):
-                    del self._registry[ud]  # nothing of it reached the kernel
-                raise os_error(-rc, f"only {done} of the batch's {count} SQEs could be queued "
-                                    "(those complete as usual)")
-            self._make_room()
-        return op
-
     def nop(self) -> NopOperation:
         """Queue a no-op (``IORING_OP_NOP``); its result is 0."""
-        if _get_ident() != self._owner:
+        owner = self._owner
+        if _get_ident() != owner:
             self._refuse()
-        ud = self._next_ud
-        self._next_ud = ud + 1
-        op = self._registry[ud] = NopOperation(self, None, ud)
-        rc = lib.sr_prep_nop(self._c, ud)
-        if rc < 0:
-            self._prep_retry(ud, rc, lib.sr_prep_nop, self._c, ud)
-        return op
-
-    def nop_many(self, count: int) -> BatchOperation:
-        """Queue ``count`` no-ops as one :class:`BatchOperation` (one call into C).
-
-        Its result is a list of ``count`` zeros.
-        """
-        if _get_ident() != self._owner:
-            self._refuse()
-        return self._batch(_count(count), "nop", None, lib.sr_prep_nops)
+        self._owner = _BUSY
+        try:
+            ud = self._next_ud
+            self._next_ud = ud + 1
+            op = self._registry[ud] = NopOperation(self, None, ud)
+            try:
+                rc = lib.sr_prep_nop(self._c, ud)
+                if rc < 0:
+                    self._prep_retry(ud, rc, lib.sr_prep_nop, self._c, ud)
+            except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+                raise self._unregister_if_unprepared(ud, exc) from None
+            return op
+        finally:
+            self._owner = _NO_OWNER if self._forked else owner
 
     # read() and write() repeat each other's shape on purpose: they are the single-operation hot
     # path, and a shared helper costs one more Python call per operation.
@@ -418,60 +468,145 @@ class Ring:
     def read(self, fd: int, buffer: Any, offset: int = -1) -> ReadOperation:
         """Queue a read of up to ``len(buffer)`` bytes from ``fd`` into ``buffer``.
 
-        ``buffer`` is any writable, contiguous buffer (``bytearray``, ``memoryview``, ``mmap``,
-        ``array.array``); it stays pinned (cannot be resized or closed) until the final CQE.
-        ``bytes`` or another read-only object raises ``TypeError``.  ``offset=-1`` reads at the
-        file position and advances it.  The result is the number of bytes read.
+        ``buffer`` is a writable ``bytearray``, ``array.array``, ``mmap`` or a contiguous
+        ``memoryview`` of one; it stays pinned (cannot be resized, closed or released) until
+        the final CQE.  ``bytes``, other read-only objects and exporters that could move their
+        memory anyway (ctypes arrays, ...) raise ``TypeError``.  ``offset=-1`` reads at the file
+        position and advances it.  The result is the number of bytes read.
         """
-        if _get_ident() != self._owner:
+        owner = self._owner
+        if _get_ident() != owner:
             self._refuse()
-        if not self._sup[_OP_READ]:
-            self._unsupported(_OP_READ)
-        if offset < -1:
-            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        self._owner = _BUSY
         try:
-            pin = _from_buffer("char[]", buffer, True)
-        except (TypeError, BufferError) as exc:
-            raise _pinning.not_writable(buffer, exc) from None
-        n = len(pin)
-        if n > _MAX_LEN:
-            _pinning.check_len(n)
-        ud = self._next_ud
-        self._next_ud = ud + 1
-        op = self._registry[ud] = ReadOperation(self, pin, ud)
-        rc = lib.sr_prep(self._c, ud, _OP_READ, fd, pin, n, offset & _M64, 0, 0)
-        if rc < 0:
-            self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, _OP_READ, fd, pin, n,
-                             offset & _M64, 0, 0)
-        return op
+            if not self._sup[_OP_READ]:
+                self._unsupported(_OP_READ)
+            if offset < -1:
+                raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+            if type(buffer) is not bytearray:
+                _pinning.check_exporter(buffer, True)
+            try:
+                pin = _from_buffer("char[]", buffer, True)
+            except (TypeError, BufferError) as exc:
+                raise _pinning.not_writable(buffer, exc) from None
+            n = len(pin)
+            if n > _MAX_LEN:
+                _pinning.check_len(n)
+            ud = self._next_ud
+            self._next_ud = ud + 1
+            op = self._registry[ud] = ReadOperation(self, pin, ud)
+            try:
+                rc = lib.sr_prep(self._c, ud, _OP_READ, fd, pin, n, offset, 0, 0)
+                if rc < 0:
+                    self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, _OP_READ, fd, pin, n,
+                                     offset, 0, 0)
+            except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+                raise self._unregister_if_unprepared(ud, exc) from None
+            return op
+        finally:
+            self._owner = _NO_OWNER if self._forked else owner
 
     def write(self, fd: int, data: Any, offset: int = -1) -> WriteOperation:
-        """Queue a write of ``data`` (any contiguous bytes-like object, ``bytes`` included).
+        """Queue a write of ``data`` (``bytes``, ``bytearray``, ``array.array``, ``mmap`` or a
+        contiguous ``memoryview`` of one) to ``fd``.
 
         ``offset=-1`` writes at the file position.  The result is the number of bytes written.
         """
-        if _get_ident() != self._owner:
+        owner = self._owner
+        if _get_ident() != owner:
             self._refuse()
-        if not self._sup[_OP_WRITE]:
-            self._unsupported(_OP_WRITE)
-        if offset < -1:
-            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        self._owner = _BUSY
         try:
-            pin = _from_buffer(data)
-        except (TypeError, BufferError) as exc:
-            raise _pinning.not_readable(data, exc) from None
-        n = len(pin)
-        if n > _MAX_LEN:
-            _pinning.check_len(n)
+            if not self._sup[_OP_WRITE]:
+                self._unsupported(_OP_WRITE)
+            if offset < -1:
+                raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+            if type(data) is not bytes:
+                _pinning.check_exporter(data, False)
+            try:
+                pin = _from_buffer(data)
+            except (TypeError, BufferError) as exc:
+                raise _pinning.not_readable(data, exc) from None
+            n = len(pin)
+            if n > _MAX_LEN:
+                _pinning.check_len(n)
+            ud = self._next_ud
+            self._next_ud = ud + 1
+            op = self._registry[ud] = WriteOperation(self, pin, ud)
+            try:
+                rc = lib.sr_prep(self._c, ud, _OP_WRITE, fd, pin, n, offset, 0, 0)
+                if rc < 0:
+                    self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, _OP_WRITE, fd, pin, n,
+                                     offset, 0, 0)
+            except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+                raise self._unregister_if_unprepared(ud, exc) from None
+            return op
+        finally:
+            self._owner = _NO_OWNER if self._forked else owner
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def _batch(self, count: int, kind: str, pins: Any, prep: Any, *args: Any) -> BatchOperation:
+        """Register one BatchOperation for ``count`` SQEs and prepare them in C.
+
+        ``prep(c, batch, n, *args)`` prepares up to n more members (C keeps the count in
+        ``batch.prepared``); the rest are retried after reaping.  If preparing stops for good
+        (the kernel refuses, or an exception arrives), the unprepared members are settled with
+        an error and the prepared ones run to their CQEs as usual: the batch still ends exactly
+        once, and never before the kernel is done with its memory.
+        """
+        if count > _MAX_BATCH:
+            raise ValueError(f"a batch holds at most {_MAX_BATCH} operations, got {count}")
+        batch = ffi.new("sr_batch *", {"res": count})  # results inline (flexible array member)
         ud = self._next_ud
         self._next_ud = ud + 1
-        op = self._registry[ud] = WriteOperation(self, pin, ud)
-        rc = lib.sr_prep(self._c, ud, _OP_WRITE, fd, pin, n, offset & _M64, 0, 0)
-        if rc < 0:
-            self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, _OP_WRITE, fd, pin, n,
-                             offset & _M64, 0, 0)
+        op = BatchOperation(self, (pins, batch), ud, batch, count, kind)
+        c = self._c
+        registry = self._registry
+        registry[ud] = op
+        begun = False
+        try:
+            for _ in range(1000):
+                rc = lib.sr_batch_begin(c, batch, ud, count)
+                if rc != -errno.EBUSY:
+                    break
+                self._make_room()  # every slot of the C batch table is in flight
+            if rc < 0:
+                raise os_error(-rc, f"no batch slot: {_BATCH_TABLE} batches are in flight")
+            begun = True
+            failures = 0
+            while batch.prepared < count:
+                rc = prep(c, batch, count - batch.prepared, *args)
+                if rc > 0:
+                    continue
+                failures += 1
+                if -rc not in _RETRYABLE or failures > 1000:
+                    raise os_error(-rc, f"only {batch.prepared} of the batch's {count} SQEs "
+                                        "could be queued (those complete as usual)")
+                self._make_room()
+        except BaseException as exc:
+            if not begun:
+                registry.pop(ud, None)
+            elif lib.sr_batch_abandon(c, batch, -errno.ECANCELED):
+                # Nothing of it is in flight any more: no batch CQE will come, finish it here.
+                registry.pop(ud, None)
+                op._res = batch.first_error or count
+                op._state = op._final_state(op._res) if op._res < 0 else _COMPLETED
+                op._pins = None
+            if isinstance(exc, OverflowError):
+                raise ValueError(f"an argument is out of range for the kernel ABI: {exc}") from None
+            raise
         return op
 
+    @_exclusive
+    def nop_many(self, count: int) -> BatchOperation:
+        """Queue ``count`` no-ops as one :class:`BatchOperation` (one call into C).
+
+        Its result is a list of ``count`` zeros.
+        """
+        return self._batch(_count(count), "nop", None, lib.sr_prep_nops)
+
+    @_exclusive
     def read_many(self, fd: int, buffer: Any, offsets: Any, block_size: int) -> BatchOperation:
         """Queue one read per offset as one :class:`BatchOperation` (one call into C).
 
@@ -482,6 +617,7 @@ class Ring:
         """
         return self._rw_many(_OP_READ, fd, buffer, offsets, block_size, writable=True)
 
+    @_exclusive
     def write_many(self, fd: int, data: Any, offsets: Any, block_size: int) -> BatchOperation:
         """Queue one write per offset as one :class:`BatchOperation` (one call into C).
 
@@ -492,14 +628,15 @@ class Ring:
 
     def _rw_many(self, opcode: int, fd: int, buffer: Any, offsets: Any, block_size: int,
                  writable: bool) -> BatchOperation:
-        if _get_ident() != self._owner:
-            self._refuse()
-        if not self._sup[opcode]:
-            self._unsupported(opcode)
+        self._require(opcode)
         pin = _pinning.writable(buffer) if writable else _pinning.readable(buffer)
+        block_size = _pinning.index(block_size, "block_size")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         _pinning.check_len(block_size)
+        fd = _pinning.index(fd, "fd")
+        if isinstance(offsets, (int, str, bytes)):
+            raise TypeError(f"offsets must be a sequence of ints, got {type(offsets).__name__}")
         try:
             # Converted before anything is registered; the SQEs copy the values, so the array
             # needs no pin.
@@ -515,34 +652,37 @@ class Ring:
             raise ValueError(f"{count} blocks of {block_size} bytes need {count * block_size} "
                              f"bytes, but the buffer holds {len(pin)}")
         return self._batch(count, "read" if writable else "write", pin, lib.sr_prep_rw_blocks,
-                           opcode, fd, pin, block_size,
-                           per_member=lambda done: (offs + done if done else offs,))
+                           opcode, fd, pin, block_size, offs)
 
+    # -- the other operations ----------------------------------------------------------------
+
+    @_exclusive
     def readv(self, fd: int, buffers: Any, offset: int = -1) -> ReadvOperation:
         """Queue a vectored read into a sequence of writable buffers (filled in order)."""
-        self._check_context(_OP_READV)
-        if offset < -1:
-            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        self._require(_OP_READV)
+        _check_offset(offset)
         vec, pins = _pinning.iovecs(buffers, _pinning.writable)
         op = ReadvOperation(self, (vec, pins), self._take_ud())
-        return self._queue(op, _OP_READV, fd, vec, len(pins), offset & _M64, 0)  # type: ignore[no-any-return]
+        return self._queue(op, _OP_READV, fd, vec, len(pins), offset, 0)  # type: ignore[no-any-return]
 
+    @_exclusive
     def writev(self, fd: int, buffers: Any, offset: int = -1) -> WritevOperation:
         """Queue a vectored write of a sequence of bytes-like objects (written in order)."""
-        self._check_context(_OP_WRITEV)
-        if offset < -1:
-            raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+        self._require(_OP_WRITEV)
+        _check_offset(offset)
         vec, pins = _pinning.iovecs(buffers, _pinning.readable)
         op = WritevOperation(self, (vec, pins), self._take_ud())
-        return self._queue(op, _OP_WRITEV, fd, vec, len(pins), offset & _M64, 0)  # type: ignore[no-any-return]
+        return self._queue(op, _OP_WRITEV, fd, vec, len(pins), offset, 0)  # type: ignore[no-any-return]
 
+    @_exclusive
     def fsync(self, fd: int, *, datasync: bool = False) -> FsyncOperation:
         """Queue an ``fsync`` (or ``fdatasync`` with ``datasync=True``) of ``fd``."""
-        self._check_context(_OP_FSYNC)
+        self._require(_OP_FSYNC)
         flags = lib.IORING_FSYNC_DATASYNC if datasync else 0
         op = FsyncOperation(self, None, self._take_ud())
         return self._queue(op, _OP_FSYNC, fd, ffi.NULL, 0, 0, flags)  # type: ignore[no-any-return]
 
+    @_exclusive
     def openat(self, path: Any, flags: int = os.O_RDONLY, mode: int = 0o644, *,
                dir_fd: int | None = None) -> OpenOperation:
         """Queue an ``openat``; the result is the new file descriptor (yours to close).
@@ -551,25 +691,28 @@ class Ring:
         ``path`` is str, bytes or path-like, relative to ``dir_fd`` (default: the working
         directory).  A failure raises the matching ``OSError`` with ``filename`` set.
         """
-        self._check_context(_OP_OPENAT)
+        self._require(_OP_OPENAT)
         cpath = _pinning.path(path)
         dfd = lib.AT_FDCWD if dir_fd is None else dir_fd
+        flags = _pinning.index(flags, "flags") | os.O_CLOEXEC
         op = OpenOperation(self, cpath, self._take_ud(), path)
-        return self._queue(op, _OP_OPENAT, dfd, cpath, mode, 0, flags | os.O_CLOEXEC)  # type: ignore[no-any-return]
+        return self._queue(op, _OP_OPENAT, dfd, cpath, mode, 0, flags)  # type: ignore[no-any-return]
 
+    @_exclusive
     def close_fd(self, fd: int) -> CloseOperation:
         """Queue a ``close`` of ``fd``."""
-        self._check_context(_OP_CLOSE)
+        self._require(_OP_CLOSE)
         op = CloseOperation(self, None, self._take_ud())
         return self._queue(op, _OP_CLOSE, fd, ffi.NULL, 0, 0, 0)  # type: ignore[no-any-return]
 
+    @_exclusive
     def statx(self, path: Any, *, dir_fd: int | None = None,
               follow_symlinks: bool = True) -> StatxOperation:
         """Queue a ``statx``; the result is a :class:`StatxResult` (``os.stat_result`` names).
 
         ``path`` may also be an open file descriptor (an ``int``), which stats that file.
         """
-        self._check_context(_OP_STATX)
+        self._require(_OP_STATX)
         flags = 0 if follow_symlinks else lib.AT_SYMLINK_NOFOLLOW
         if isinstance(path, int) and not isinstance(path, bool):
             if dir_fd is not None:
@@ -585,36 +728,32 @@ class Ring:
         addr = int(ffi.cast("uintptr_t", out))
         return self._queue(op, _OP_STATX, dfd, cpath, mask, addr, flags)  # type: ignore[no-any-return]
 
+    @_exclusive
     def timeout(self, seconds: float) -> TimeoutOperation:
         """Queue a timeout that completes (result ``None``) once ``seconds`` have passed."""
-        self._check_context(_OP_TIMEOUT)
+        self._require(_OP_TIMEOUT)
         ts = _pinning.timespec(seconds)
         op = TimeoutOperation(self, ts, self._take_ud())
         return self._queue(op, _OP_TIMEOUT, -1, ts, 1, 0, 0)  # type: ignore[no-any-return]
 
-    def _check_context(self, opcode: int) -> None:
-        if _get_ident() != self._owner:
-            self._refuse()
-        if not self._sup[opcode]:
-            self._unsupported(opcode)
-
     # -- cancellation ------------------------------------------------------------------------
 
+    @_exclusive
     def _cancel(self, op: Operation[Any]) -> None:
         if op._ring is not self:
             raise OperationStateError("the operation belongs to another ring")
-        if _get_ident() != self._owner:
-            self._refuse()
         if op._res is not None:
             raise OperationStateError(f"cannot cancel {op._what()}: it already ended "
                                       f"({op.state.value})")
         if op.cancel_requested:
             raise OperationStateError(f"cancel() was already requested for {op._what()}")
-        if not self._sup[_OP_CANCEL]:
-            self._unsupported(_OP_CANCEL)
+        if op.user_data not in self._registry:
+            raise OperationStateError(f"{op._what()} was never submitted on this ring")
+        self._require(_OP_CANCEL)
         op._cancel = True
+        self._cancelled.add(op.user_data)
         self._queue_cancel(op)
-        self.submit()
+        self._submit()
 
     def _queue_cancel(self, op: Operation[Any]) -> None:
         if isinstance(op, BatchOperation):
@@ -627,28 +766,35 @@ class Ring:
         ud = self._next_ud
         self._next_ud = ud + 1
         self._internal[ud] = CancelRequest(op)
-        rc = lib.sr_prep_cancel(self._c, ud, target, 0)
-        if rc < 0:
-            self._prep_retry(ud, rc, lib.sr_prep_cancel, self._c, ud, target, 0)
+        try:
+            rc = lib.sr_prep_cancel(self._c, ud, target, 0)
+            if rc < 0:
+                self._prep_retry(ud, rc, lib.sr_prep_cancel, self._c, ud, target, 0)
+        except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+            raise self._unregister_if_unprepared(ud, exc) from None
 
     # -- submission and completion -----------------------------------------------------------
 
+    @_exclusive
     def submit(self) -> int:
         """Hand every queued SQE to the kernel; return how many it took."""
-        if _get_ident() != self._owner:
-            self._refuse()
+        return self._submit()
+
+    def _submit(self) -> int:
         rc = lib.sr_submit(self._c)
-        while rc < 0:
+        for _ in range(1000):
+            if rc >= 0:
+                return int(rc)
+            if -rc == errno.EEXIST:
+                raise WrongThreadError(_EEXIST_MESSAGE)
             if -rc not in _RETRYABLE:
                 raise os_error(-rc, "io_uring_submit")
             # The kernel is holding back (CQ overflow backlog): make room, then try again.
-            n = lib.sr_reap(self._c, 0, -1, self._cq_size, self._cq_ud, self._cq_res,
-                            self._cq_flags)
-            if n > 0:
-                self._dispatch(n)
+            self._reap(0, -1)
             rc = lib.sr_submit(self._c)
-        return int(rc)
+        raise os_error(-rc, "io_uring_submit")
 
+    @_exclusive
     def wait(self, min_complete: int = 1, timeout: float | None = None) -> list[Operation[Any]]:
         """Submit queued SQEs, wait for completions, and return the operations that finished.
 
@@ -658,73 +804,41 @@ class Ring:
         collects what is already done.  Asking for more than could ever complete raises
         ``ValueError`` instead of blocking forever.
         """
-        if _get_ident() != self._owner:
-            self._refuse()
-        ready = self._ready
+        min_complete = _pinning.index(min_complete, "min_complete")
         if min_complete < 0:
             raise ValueError(f"min_complete must be >= 0, got {min_complete}")
-        if min_complete > len(ready) + len(self._registry):
+        if min_complete > len(self._ready) + len(self._registry):
             raise ValueError(
                 f"wait(min_complete={min_complete}) could never return: only "
-                f"{len(self._registry)} operations are in flight and {len(ready)} finished"
+                f"{len(self._registry)} operations are in flight and {len(self._ready)} finished"
             )
-        if timeout is None:
-            timeout_ns = -1
-            deadline = 0.0
-        else:
-            if not timeout >= 0:
-                raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-            timeout_ns = int(timeout * 1e9)
-            deadline = time.monotonic() + timeout
-        self._busy = True
-        try:
-            self._reap_until(min_complete, timeout_ns, deadline)
-        finally:
-            self._busy = False
-        self._ready = []
-        return ready
-
-    def _reap_until(self, min_complete: int, timeout_ns: int, deadline: float) -> None:
-        c, cap = self._c, self._cq_size
-        ud, res, flags = self._cq_ud, self._cq_res, self._cq_flags
+        timeout_ns, deadline = _deadline(timeout)
         while True:
             need = min_complete - len(self._ready)
-            if need > cap:
-                need = cap
-            n = lib.sr_reap(c, need if need > 0 else 0, timeout_ns, cap, ud, res, flags)
-            if n > 0:
-                self._dispatch(n)
-            elif n < 0 and -n not in _RETRYABLE:
-                raise os_error(-n, "io_uring_enter")
+            self._reap(min(need, self._cq_size) if need > 0 else 0, timeout_ns)
             if len(self._ready) >= min_complete:
-                return
+                break
             if timeout_ns >= 0:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return
+                    break
                 timeout_ns = int(left * 1e9)
+        ready = self._ready
+        self._ready = []
+        return ready
 
+    @_exclusive
     def run(self, op: Operation[Any]) -> Any:
         """Submit, wait until ``op`` has finished, and return ``op.result()`` (or raise it).
 
         Other operations that finish meanwhile are kept for the next :meth:`wait`.
         """
-        if op._res is None:
-            if op._ring is not self:
-                raise OperationStateError("the operation belongs to another ring")
-            if _get_ident() != self._owner:
-                self._refuse()
-            self._busy = True
-            try:
-                c, cap = self._c, self._cq_size
-                while op._res is None:
-                    n = lib.sr_reap(c, 1, -1, cap, self._cq_ud, self._cq_res, self._cq_flags)
-                    if n > 0:
-                        self._dispatch(n)
-                    elif n < 0 and -n not in _RETRYABLE:
-                        raise os_error(-n, "io_uring_enter")
-            finally:
-                self._busy = False
+        if op._ring is not self:
+            raise OperationStateError("the operation belongs to another ring")
+        if op._res is None and op.user_data not in self._registry:
+            raise OperationStateError(f"{op._what()} was never submitted on this ring")
+        while op._res is None:
+            self._reap(1, -1)
         ready = self._ready
         if ready and ready[-1] is op:
             ready.pop()
@@ -732,49 +846,59 @@ class Ring:
             ready.remove(op)
         return op.result()
 
+    def _reap(self, wait_nr: int, timeout_ns: int) -> None:
+        """Finish an interrupted dispatch if there is one; otherwise submit, wait for up to
+        ``wait_nr`` CQEs (``timeout_ns`` < 0: no limit) and dispatch what arrived."""
+        if self._backlog is not None:
+            self._consume(self._backlog)
+            return
+        n = lib.sr_reap(self._c, wait_nr, timeout_ns, self._cq_size, self._cq_ud, self._cq_res,
+                        self._cq_flags)
+        if n > 0:
+            self._dispatch(n)
+        elif n < 0 and -n not in _RETRYABLE:
+            if -n == errno.EEXIST:
+                raise WrongThreadError(_EEXIST_MESSAGE)
+            raise os_error(-n, "io_uring_enter")
+
     def _dispatch(self, n: int) -> None:
         """Apply ``n`` reaped CQEs: record results, release pins of final CQEs, collect ops.
 
-        This is the only place a registry entry is removed, and so the only place pins are
-        released.  Dropping ``_pins`` releases the buffer exports (cffi's ``from_buffer``
-        objects release theirs when freed, and nothing else references them).
+        This is the only place that removes the registry entry of an operation whose SQE reached
+        the kernel, and so the only place its pins are released.  The CQEs were already taken
+        off the CQ, so they must not be lost if an exception (a signal handler's) interrupts
+        this loop: the iterator is parked in ``_backlog`` and the next reap resumes it.  For the
+        same reason the loop body calls nothing before an operation is fully recorded (a call
+        is where Python runs signal handlers), and only then appends it to the ready list.
         """
-        if n & _REAP_MORE:
-            self._dispatch_with_flags(n & ~_REAP_MORE)
-            return
-        pop = self._registry.pop
-        append = self._ready.append
-        for ud, res in zip(_unpack(self._cq_ud, n), _unpack(self._cq_res, n)):  # noqa: B905 - a keyword costs ~100 ns per call here
-            op = pop(ud, None)
-            if op is None:
-                self._internal_cqe(ud, res)
-                continue
-            op._res = res
-            op._state = _COMPLETED if res >= 0 else op._final_state(res)
-            op._pins = None
-            append(op)
+        self._backlog = items = zip(_unpack(self._cq_ud, n), _unpack(self._cq_res, n))  # noqa: B905
+        self._consume(items)
 
-    def _dispatch_with_flags(self, n: int) -> None:
-        """The same, for a batch that holds non-final CQEs (``IORING_CQE_F_MORE``)."""
+    def _consume(self, items: Any) -> None:
         registry = self._registry
+        cancelled = self._cancelled
         append = self._ready.append
-        for ud, res, fl in zip(_unpack(self._cq_ud, n), _unpack(self._cq_res, n),
-                               _unpack(self._cq_flags, n), strict=True):
-            if fl & _F_MORE:
-                continue  # not final: the operation keeps its pins (multishot ops come later)
-            op = registry.pop(ud, None)
-            if op is None:
-                self._internal_cqe(ud, res)
-                continue
-            op._res = res
-            op._state = _COMPLETED if res >= 0 else op._final_state(res)
-            op._pins = None
-            append(op)
-
-    def _internal_cqe(self, ud: int, res: int) -> None:
-        request = self._internal.pop(ud, None)
-        if request is not None:
-            request.res = res
+        for ud, res in items:
+            if ud in registry:
+                op = registry[ud]
+                op._res = res
+                # The terminal state, inline (Operation._final_state says the same).
+                if res >= 0 or -res in op._ok_errnos:
+                    op._state = _COMPLETED
+                elif res == _NEG_ECANCELED or (res == _NEG_EINTR and ud in cancelled):
+                    op._state = _CANCELLED
+                else:
+                    op._state = _FAILED
+                del registry[ud]
+                op._pins = None  # releases the buffer exports: the kernel is done with them
+                append(op)
+                if cancelled:
+                    cancelled.discard(ud)
+            else:
+                request = self._internal.pop(ud, None)
+                if request is not None:
+                    request.res = res
+        self._backlog = None
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -796,8 +920,7 @@ class Ring:
 
 
 def _count(count: int) -> int:
-    if isinstance(count, bool) or not isinstance(count, int):
-        raise TypeError(f"count must be an int, got {type(count).__name__}")
+    count = _pinning.index(count, "count")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     return count
@@ -912,16 +1035,14 @@ def _after_fork_in_child() -> None:
 def _close_all_at_exit() -> None:
     me = _get_ident()
     for ring in list(_live_rings):
-        if ring._closed:
+        if ring._closed or ring._forked:
             continue
-        if ring._owner == me and not ring._busy:
+        if ring._owner == me:
             try:
-                ring._shutdown()
+                ring.close()
                 continue
             except BaseException:  # noqa: BLE001 - could not drain: keep its memory
                 pass
-        elif ring._forked:
-            continue
         _bury(ring)
 
 

@@ -95,6 +95,7 @@ typedef struct {
     uint64_t id;         /* carried by the members' user_data */
     uint32_t n;
     uint32_t remaining;  /* members whose CQE has not arrived */
+    uint32_t prepared;   /* members whose SQE has been written (always a prefix) */
     int32_t first_error; /* the first failing member's res (0: none yet) */
     uint32_t first_error_index;
     int32_t res[];       /* n results, SR_RES_PENDING until the member's CQE arrives */
@@ -117,7 +118,6 @@ typedef struct {
     uint64_t n_consumed; /* CQEs taken off the CQ (ours, batch members included) */
     uint64_t next_batch_id;
     sr_batch *batches[SR_BATCH_TABLE];
-    int batch_has_more; /* the last copy held a CQE with IORING_CQE_F_MORE (not final) */
     uint64_t n_prepared;
 } sr_ring;
 
@@ -131,10 +131,6 @@ static inline sr_batch *sr_batch_of(sr_ring *r, uint64_t ud, uint32_t *index)
         return b;
     return NULL;
 }
-
-/* Added to sr_reap's count when the batch holds a non-final CQE, so the common all-final batch
-   needs no per-CQE flag test in Python. */
-#define SR_REAP_MORE (1 << 24)
 
 static const char *sr_build_stamp(void) { return SR_BUILD_STAMP; }
 
@@ -179,9 +175,12 @@ static void sr_ring_exit(sr_ring *r)
    (IORING_REGISTER_PROBE came in 5.6). */
 static int sr_probe(sr_ring *r, uint8_t *supported, unsigned n)
 {
-    struct io_uring_probe *probe = io_uring_get_probe_ring(&r->ring);
+    struct io_uring_probe *probe;
     unsigned op, last;
 
+    if (!r->initialized)
+        return -EBADF;
+    probe = io_uring_get_probe_ring(&r->ring);
     if (!probe)
         return -EOPNOTSUPP;
     last = probe->last_op;
@@ -226,23 +225,39 @@ static void sr_account(sr_ring *r)
 
 static int sr_submit(sr_ring *r)
 {
-    int ret = io_uring_submit(&r->ring);
+    int ret;
+
+    if (!r->initialized)
+        return -EBADF;
+    ret = io_uring_submit(&r->ring);
     sr_account(r);
     return ret;
 }
 
 /* An SQE, flushing a full SQ to the kernel first.  NULL with *err set when the kernel would not
    take more (e.g. -EBUSY while its CQ overflow backlog is full): the caller reaps and retries. */
-static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err)
+/* How much of the CQ the pre-5.5 guard lets each kind of request use: user requests leave a
+   quarter free so that cancel requests (which close() depends on) can always be queued. */
+#define SR_LIMIT_USER 0
+#define SR_LIMIT_INTERNAL 1
+
+static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err, int kind)
 {
     struct io_uring_sqe *sqe;
     int ret;
 
+    if (!r->initialized) {
+        *err = -EBADF; /* the ring was torn down: refuse instead of touching unmapped memory */
+        return NULL;
+    }
     /* Before 5.5 a full CQ drops completions, and a dropped completion would leave its op (and
        its pins) in flight forever: never have more requests out than the CQ can hold. */
-    if (r->cq_guard && (int64_t)(r->n_prepared - r->n_consumed) >= (int64_t)r->cq_entries) {
-        *err = -EBUSY;
-        return NULL;
+    if (r->cq_guard) {
+        int64_t limit = kind == SR_LIMIT_USER ? r->cq_entries - r->cq_entries / 4 : r->cq_entries;
+        if ((int64_t)(r->n_prepared - r->n_consumed) >= limit) {
+            *err = -EBUSY;
+            return NULL;
+        }
     }
     r->n_prepared++;
     sqe = io_uring_get_sqe(&r->ring);
@@ -267,7 +282,7 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err)
 int sr_prep_nop(sr_ring *r, uint64_t ud)
 {
     int err = 0;
-    struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+    struct io_uring_sqe *sqe = sr_get_sqe(r, &err, SR_LIMIT_USER);
 
     if (!sqe)
         return err;
@@ -280,14 +295,14 @@ int sr_prep_nop(sr_ring *r, uint64_t ud)
 /* Any opcode from the kernel ABI.  op_flags lands in the per-op flags union (rw_flags,
    fsync_flags, open_flags, statx_flags, timeout_flags, ...: one 32-bit field). */
 int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsigned len,
-            uint64_t off, unsigned op_flags, unsigned sqe_flags)
+            int64_t off, unsigned op_flags, unsigned sqe_flags)
 {
     int err = 0;
-    struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+    struct io_uring_sqe *sqe = sr_get_sqe(r, &err, SR_LIMIT_USER);
 
     if (!sqe)
         return err;
-    io_uring_prep_rw(opcode, sqe, fd, addr, len, off);
+    io_uring_prep_rw(opcode, sqe, fd, addr, len, (uint64_t)off); /* -1: the file position */
     sqe->rw_flags = op_flags;
     sqe->flags = (uint8_t)sqe_flags;
     sqe->user_data = ud;
@@ -298,7 +313,7 @@ int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsig
 int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_flags)
 {
     int err = 0;
-    struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+    struct io_uring_sqe *sqe = sr_get_sqe(r, &err, SR_LIMIT_INTERNAL);
 
     if (!sqe)
         return err;
@@ -316,6 +331,8 @@ int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n)
 {
     unsigned i, probe;
 
+    if (!r->initialized)
+        return -EBADF;
     if (n == 0 || n > SR_BATCH_MAX_MEMBERS)
         return -EINVAL;
     for (probe = 0; probe < SR_BATCH_TABLE; probe++) {
@@ -326,6 +343,7 @@ int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n)
         b->id = id;
         b->n = n;
         b->remaining = n;
+        b->prepared = 0;
         b->first_error = 0;
         b->first_error_index = 0;
         for (i = 0; i < n; i++)
@@ -336,13 +354,15 @@ int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n)
     return -EBUSY;
 }
 
-/* Members [start, n) were never prepared (the kernel refused more SQEs): settle them with err so
-   the batch completes when the prepared members do.  Returns 1 if nothing is left in flight. */
-int sr_batch_abandon(sr_ring *r, sr_batch *b, unsigned start, int err)
+/* The members from b->prepared on will never be prepared (the kernel refused more SQEs, or the
+   caller was interrupted): settle them with err, so the batch ends when the prepared members do.
+   Returns 1 when nothing of the batch is left in flight; then it has left the table and the
+   caller finishes it (no batch CQE will come). */
+int sr_batch_abandon(sr_ring *r, sr_batch *b, int err)
 {
     unsigned i;
 
-    for (i = start; i < b->n; i++) {
+    for (i = b->prepared; i < b->n; i++) {
         if (b->res[i] == SR_RES_PENDING) {
             b->res[i] = err;
             b->remaining--;
@@ -353,7 +373,8 @@ int sr_batch_abandon(sr_ring *r, sr_batch *b, unsigned start, int err)
         }
     }
     if (b->remaining == 0) {
-        r->batches[b->id % SR_BATCH_TABLE] = NULL;
+        if (r->batches[b->id % SR_BATCH_TABLE] == b)
+            r->batches[b->id % SR_BATCH_TABLE] = NULL;
         return 1;
     }
     return 0;
@@ -366,51 +387,49 @@ static inline uint64_t sr_member_ud(const sr_batch *b, unsigned i)
 
 uint64_t sr_batch_member_ud(sr_batch *b, unsigned i) { return sr_member_ud(b, i); }
 
-/* Prepare members [start, start + count) of batch b.  Each returns how many it prepared (fewer
-   when the kernel would not take more: the caller reaps and calls again for the rest), or
+/* Prepare the next (up to) count members of batch b, from b->prepared on.  Each returns how many
+   it prepared (fewer when the kernel would not take more: the caller reaps and calls again), or
    -errno if it prepared none. */
-int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned start, unsigned count)
+int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned count)
 {
     unsigned i;
     int err = 0;
 
-    for (i = 0; i < count; i++) {
-        struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+    for (i = 0; i < count && b->prepared < b->n; i++) {
+        struct io_uring_sqe *sqe = sr_get_sqe(r, &err, SR_LIMIT_USER);
         if (!sqe)
             break;
         io_uring_prep_rw(IORING_OP_NOP, sqe, -1, NULL, 0, 0);
-        sqe->user_data = sr_member_ud(b, start + i);
-    }
-    if (i)
+        sqe->user_data = sr_member_ud(b, b->prepared++);
         r->prepared_ud = b->ud;
+    }
     return i ? (int)i : err;
 }
 
-/* Reads or writes of block bytes each: member m moves base + m * block at file offset
-   offs[m - start] (offs holds the offsets of the members still to prepare). */
-int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned start, unsigned count, int opcode,
-                      int fd, char *base, unsigned block, const uint64_t *offs)
+/* Reads or writes of block bytes each: member m moves base + m * block at file offset offs[m]. */
+int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int fd, char *base,
+                      unsigned block, const uint64_t *offs)
 {
     unsigned i;
     int err = 0;
 
-    for (i = 0; i < count; i++) {
-        unsigned m = start + i;
-        struct io_uring_sqe *sqe = sr_get_sqe(r, &err);
+    for (i = 0; i < count && b->prepared < b->n; i++) {
+        unsigned m = b->prepared;
+        struct io_uring_sqe *sqe = sr_get_sqe(r, &err, SR_LIMIT_USER);
         if (!sqe)
             break;
-        io_uring_prep_rw(opcode, sqe, fd, base + (size_t)m * block, block, offs[i]);
+        io_uring_prep_rw(opcode, sqe, fd, base + (size_t)m * block, block, offs[m]);
         sqe->user_data = sr_member_ud(b, m);
-    }
-    if (i)
+        b->prepared++;
         r->prepared_ud = b->ud;
+    }
     return i ? (int)i : err;
 }
 
 static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *res, uint32_t *flags)
 {
     struct io_uring_cqe *cqe;
-    unsigned head, seen = 0, n = 0, more = 0;
+    unsigned head, seen = 0, n = 0;
 
     io_uring_for_each_cqe(&r->ring, head, cqe) {
         if (n == cap)
@@ -420,7 +439,12 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
         if (cqe->user_data == LIBURING_UDATA_TIMEOUT)
             continue;
         r->n_consumed++;
-        if ((cqe->user_data & SR_UD_BATCH) && !(cqe->flags & IORING_CQE_F_MORE)) {
+        /* A CQE with F_MORE is not its request's final one: the request stays in flight and
+           keeps its pins.  No operation of this release asks for several CQEs, so nothing in
+           Python needs to see these yet. */
+        if (cqe->flags & IORING_CQE_F_MORE)
+            continue;
+        if (cqe->user_data & SR_UD_BATCH) {
             uint32_t index;
             sr_batch *b = sr_batch_of(r, cqe->user_data, &index);
             if (b) {
@@ -445,11 +469,9 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
         ud[n] = cqe->user_data;
         res[n] = cqe->res;
         flags[n] = cqe->flags;
-        more |= cqe->flags & IORING_CQE_F_MORE;
         n++;
     }
     io_uring_cq_advance(&r->ring, seen);
-    r->batch_has_more = more != 0;
     r->n_reaped += n;
     return n;
 }
@@ -472,8 +494,7 @@ static int sr_get_events(sr_ring *r)
 }
 
 /* Submit pending SQEs, wait until at least wait_nr CQEs are ready (timeout_ns < 0: no limit), then
-   copy up to cap CQEs out (cap < 2^24).  Returns the number copied (plus SR_REAP_MORE if one of
-   them is not its operation's final CQE), or -errno when none were copied and the
+   copy up to cap final CQEs out.  Returns the number copied, or -errno when none were copied and the
    wait failed (-ETIME: timed out, -EINTR: a signal arrived; Python runs its handler and retries). */
 int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
             uint64_t *ud, int32_t *res, uint32_t *flags)
@@ -481,6 +502,8 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
     int ret = 0;
     unsigned n;
 
+    if (!r->initialized)
+        return -EBADF;
     if (wait_nr && io_uring_cq_ready(&r->ring) >= wait_nr)
         wait_nr = 0;
     if (wait_nr) {
@@ -506,6 +529,6 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
         n = sr_copy_cqes(r, cap, ud, res, flags);
     }
     if (n)
-        return (int)n | (r->batch_has_more ? SR_REAP_MORE : 0);
+        return (int)n;
     return ret < 0 ? ret : 0;
 }

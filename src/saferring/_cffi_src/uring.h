@@ -76,6 +76,7 @@ typedef struct {
     uint64_t id;
     uint32_t n;
     uint32_t remaining;
+    uint32_t prepared;
     int32_t first_error;
     uint32_t first_error_index;
     int32_t res[];
@@ -95,7 +96,6 @@ typedef struct {
     unsigned features;
     int initialized;
     uint64_t n_consumed;    /* CQEs taken off the CQ, batch members included */
-    int batch_has_more;     /* the last reaped batch held a non-final (F_MORE) CQE */
     int cq_guard;           /* 1 on kernels that drop CQEs on overflow: in-flight <= CQ size */
     uint64_t n_prepared;    /* SQEs prepared, all time */
     ...;
@@ -121,15 +121,15 @@ int sr_probe(sr_ring *r, uint8_t *supported, unsigned n);
 
 int sr_prep_nop(sr_ring *r, uint64_t ud);
 int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsigned len,
-            uint64_t off, unsigned op_flags, unsigned sqe_flags);
+            int64_t off, unsigned op_flags, unsigned sqe_flags);
 int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_flags);
 int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n);
-int sr_batch_abandon(sr_ring *r, sr_batch *b, unsigned start, int err);
+int sr_batch_abandon(sr_ring *r, sr_batch *b, int err);
 uint64_t sr_batch_member_ud(sr_batch *b, unsigned i);
-int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned start, unsigned count);
-int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned start, unsigned count, int opcode,
-                      int fd, char *base, unsigned block, const uint64_t *offs);
-#define SR_REAP_MORE ...
+int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned count);
+int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int fd, char *base,
+                      unsigned block, const uint64_t *offs);
+
 
 int sr_submit(sr_ring *r);
 int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
