@@ -286,28 +286,33 @@ class Ring:
         self._owner = _BUSY
         try:
             self._drain()
+            self._teardown()
         except BaseException:
-            self._owner = owner  # still open: the caller may retry
+            if not self._closed:
+                self._owner = owner  # still open (interrupted, or the kernel refused): retry
             raise
-        self._teardown()
 
     def _teardown(self) -> None:
-        # Mark closed before the C call: nothing (no signal handler) can then see a ring that is
-        # open in Python and torn down in C.
+        # The flags and the C teardown with no call in between (a call is where a signal
+        # handler can raise): the ring is never open in Python and torn down in C, nor the
+        # other way round.
         self._closed = True
         self._owner = _NO_OWNER
-        self._ready = []
-        self._internal.clear()
-        self._backlog = None
         lib.sr_ring_exit(self._c)
+        self._ready = []
+        self._backlog = None
+        self._internal.clear()
 
     def _drain(self) -> None:
         """Cancel all in-flight operations and reap until every one has its final CQE."""
         registry = self._registry
         last_cancel = -_RECANCEL_SECONDS
         while registry or self._backlog is not None:
+            # Collect what has already completed first: no cancel is needed for those.
+            while self._reap(0, -1) > 0:
+                pass
             now = time.monotonic()
-            if now - last_cancel >= _RECANCEL_SECONDS:
+            if registry and now - last_cancel >= _RECANCEL_SECONDS:
                 # Repeated because a cancel can miss: an op that was running when the first
                 # request arrived (-EALREADY) may block again later.
                 for op in list(registry.values()):
@@ -315,7 +320,8 @@ class Ring:
                     self._cancelled.add(op.user_data)
                     self._queue_cancel(op)
                 last_cancel = now
-            self._reap(1, 100_000_000)
+            if registry:
+                self._reap(1, 100_000_000)
 
     def _drop_forked_copy(self) -> None:
         # The child's copy of the ring: unmapping it and closing the child's fd touches nothing
@@ -566,7 +572,7 @@ class Ring:
         registry[ud] = op
         begun = False
         try:
-            for _ in range(1000):
+            for _ in range(100):  # at most about a second
                 rc = lib.sr_batch_begin(c, batch, ud, count)
                 if rc != -errno.EBUSY:
                     break
@@ -846,20 +852,23 @@ class Ring:
             ready.remove(op)
         return op.result()
 
-    def _reap(self, wait_nr: int, timeout_ns: int) -> None:
+    def _reap(self, wait_nr: int, timeout_ns: int) -> int:
         """Finish an interrupted dispatch if there is one; otherwise submit, wait for up to
-        ``wait_nr`` CQEs (``timeout_ns`` < 0: no limit) and dispatch what arrived."""
+        ``wait_nr`` CQEs (``timeout_ns`` < 0: no limit) and dispatch what arrived.  Returns
+        how many CQEs were dispatched (1 for a finished backlog)."""
         if self._backlog is not None:
             self._consume(self._backlog)
-            return
+            return 1
         n = lib.sr_reap(self._c, wait_nr, timeout_ns, self._cq_size, self._cq_ud, self._cq_res,
                         self._cq_flags)
         if n > 0:
             self._dispatch(n)
-        elif n < 0 and -n not in _RETRYABLE:
+            return int(n)
+        if n < 0 and -n not in _RETRYABLE:
             if -n == errno.EEXIST:
                 raise WrongThreadError(_EEXIST_MESSAGE)
             raise os_error(-n, "io_uring_enter")
+        return 0
 
     def _dispatch(self, n: int) -> None:
         """Apply ``n`` reaped CQEs: record results, release pins of final CQEs, collect ops.
@@ -871,7 +880,11 @@ class Ring:
         same reason the loop body calls nothing before an operation is fully recorded (a call
         is where Python runs signal handlers), and only then appends it to the ready list.
         """
-        self._backlog = items = zip(_unpack(self._cq_ud, n), _unpack(self._cq_res, n))  # noqa: B905
+        items = zip(_unpack(self._cq_ud, n), _unpack(self._cq_res, n))  # noqa: B905
+        # Two stores, no call between them (so no signal handler): from here on Python holds
+        # these CQEs, and C may reuse its arrays.
+        self._backlog = items
+        self._c.unacked = 0
         self._consume(items)
 
     def _consume(self, items: Any) -> None:

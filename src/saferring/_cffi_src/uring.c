@@ -116,6 +116,7 @@ typedef struct {
     unsigned last_head; /* SQ head (or flushed tail under SQPOLL) at the last accounting */
     int cq_guard;       /* kernel drops CQEs on overflow (no IORING_FEAT_NODROP, < 5.5) */
     uint64_t n_consumed; /* CQEs taken off the CQ (ours, batch members included) */
+    unsigned unacked;    /* CQEs copied out by sr_reap that Python has not taken charge of */
     uint64_t next_batch_id;
     sr_batch *batches[SR_BATCH_TABLE];
     uint64_t n_prepared;
@@ -504,6 +505,12 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
 
     if (!r->initialized)
         return -EBADF;
+    /* The CQEs copied out last time are already off the CQ: until Python acknowledges them
+       (sets unacked to 0 once it holds them), hand the same ones back rather than overwrite
+       them.  A signal handler raising between sr_reap's return and Python's bookkeeping would
+       otherwise lose them, and with them their operations' only final CQE. */
+    if (r->unacked)
+        return (int)r->unacked;
     if (wait_nr && io_uring_cq_ready(&r->ring) >= wait_nr)
         wait_nr = 0;
     if (wait_nr) {
@@ -528,6 +535,7 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
             ret = ev;
         n = sr_copy_cqes(r, cap, ud, res, flags);
     }
+    r->unacked = n;
     if (n)
         return (int)n;
     return ret < 0 ? ret : 0;

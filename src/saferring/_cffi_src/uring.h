@@ -96,6 +96,7 @@ typedef struct {
     unsigned features;
     int initialized;
     uint64_t n_consumed;    /* CQEs taken off the CQ, batch members included */
+    unsigned unacked;       /* CQEs copied out by sr_reap, not yet acknowledged by Python */
     int cq_guard;           /* 1 on kernels that drop CQEs on overflow: in-flight <= CQ size */
     uint64_t n_prepared;    /* SQEs prepared, all time */
     ...;

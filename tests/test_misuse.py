@@ -1,0 +1,294 @@
+"""Regression tests for misuse found by review: user code running inside a ring call, signal
+handlers raising at awkward moments, exporters that do not lock memory, out-of-range arguments.
+Each scenario that could crash runs in a subprocess."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import pytest
+from _helpers import run_isolated
+
+import saferring
+from saferring import OperationStateError, OpState
+
+
+def test_iterator_closing_the_ring_mid_call_is_refused() -> None:
+    """A buffers iterator that calls ring.close() inside writev() gets OperationStateError, and
+    the ring keeps working (it used to be torn down under the running call)."""
+    out = run_isolated("""
+        import os, saferring
+        r = saferring.Ring(8)
+        rfd, wfd = os.pipe()
+        seen = []
+        def bufs():
+            yield b"a"
+            try:
+                r.close()
+            except saferring.OperationStateError as exc:
+                seen.append(exc)
+            yield b"b"
+        assert r.run(r.writev(wfd, bufs())) == 2
+        assert seen and not r.closed
+        assert os.read(rfd, 10) == b"ab"
+        r.close()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_finaliser_of_a_released_buffer_cannot_reenter(ring: saferring.Ring) -> None:
+    """A buffer whose __del__ calls the ring (when the final CQE releases it) is refused."""
+    errors: list[BaseException] = []
+    r, w = os.pipe()
+
+    class Nosy(bytearray):
+        def __del__(self) -> None:
+            try:
+                ring.wait(0)
+            except BaseException as exc:
+                errors.append(exc)
+
+    try:
+        ring.read(r, Nosy(3))
+        ring.submit()
+        os.write(w, b"abc")
+        (op,) = ring.wait(1)
+        assert op.result() == 3
+        assert len(errors) == 1 and isinstance(errors[0], OperationStateError)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_ring_resurrected_through_a_weakref_during_its_finaliser() -> None:
+    """The owner thread reviving a ring through a weakref while another thread runs the ring's
+    finaliser is refused (RingClosedError or WrongThreadError), never crashes the ring."""
+    out = run_isolated("""
+        import queue, sys, threading, weakref, saferring
+        sys.setswitchinterval(1e-6)
+        q = queue.Queue()
+        def dropper():
+            while True:
+                r = q.get()
+                if r is None:
+                    return
+                del r          # the last strong reference: Ring.__del__ runs on this thread
+        t = threading.Thread(target=dropper)
+        t.start()
+        refused = 0
+        for i in range(5000):
+            r = saferring.Ring(4)
+            wr = weakref.ref(r)
+            q.put(r)
+            del r
+            while True:        # the owner keeps using the ring through the weakref
+                r2 = wr()
+                if r2 is None:
+                    break
+                try:
+                    r2.submit()
+                except saferring.SaferRingError:
+                    refused += 1
+                del r2
+        q.put(None)
+        t.join()
+        print("ok", refused)
+    """, timeout=120)
+    assert out.startswith("ok")
+
+
+def test_signal_handler_raising_inside_close_never_half_closes() -> None:
+    """Exceptions from a signal handler landing anywhere in close() leave the ring either fully
+    open (close() can be called again) or fully closed."""
+    out = run_isolated("""
+        import signal, saferring
+        class Boom(Exception): pass
+        def handler(sig, frame):
+            f = frame
+            while f is not None:
+                if f.f_code.co_name in ("_teardown", "close", "_drain"):
+                    raise Boom
+                f = f.f_back
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        for i in range(3000):
+            try:
+                r = saferring.Ring(4)
+            except Boom:
+                continue
+            for attempt in range(1000):
+                try:
+                    r.close()
+                    break
+                except Boom:
+                    assert r._closed or r._c.initialized, "half-closed ring"
+            assert r.closed
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        print("ok")
+    """, timeout=120)
+    assert "ok" in out
+
+
+def test_signal_handler_raising_during_reaping_loses_no_completion() -> None:
+    """Exceptions from a signal handler landing anywhere in queueing and reaping lose no CQE:
+    every operation still ends, and close() returns."""
+    out = run_isolated("""
+        import signal, saferring
+        class Boom(Exception): pass
+        def handler(sig, frame):
+            if "saferring" in frame.f_code.co_filename:
+                raise Boom
+        signal.signal(signal.SIGALRM, handler)
+        r = saferring.Ring(64)
+        ops = []
+        signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+        for i in range(800):
+            try:
+                for _ in range(32):
+                    ops.append(r.nop())
+                ops.append(r.nop_many(8))
+                r.wait(0)
+            except Boom:
+                pass
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        for _ in range(100):
+            r.wait(0)
+        assert r.stats().in_flight == 0, r.stats()
+        assert all(op.done() for op in ops)
+        r.close()
+        print("ok")
+    """, timeout=120)
+    assert "ok" in out
+
+
+def test_exporters_that_can_move_memory_are_refused(ring: saferring.Ring) -> None:
+    """ctypes arrays can be resized under a live export: refused with TypeError, nothing queued."""
+    buf = (ctypes.c_char * 64)()
+    with pytest.raises(TypeError, match="cannot move"):
+        ring.read(0, buf)
+    with pytest.raises(TypeError, match="cannot move"):
+        ring.read(0, memoryview(buf))
+    with pytest.raises(TypeError, match="cannot move"):
+        ring.write(1, buf)
+    with pytest.raises(TypeError):
+        ring.read_many(0, buf, [0], 8)
+    assert ring.stats().in_flight == 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda r: r.read(2**31, bytearray(4)),
+    lambda r: r.read(0, bytearray(4), 2**63),
+    lambda r: r.write(-2**40, b"x"),
+    lambda r: r.openat("/", mode=-1),
+    lambda r: r.openat("/", flags=2**32),
+    lambda r: r.openat("/", dir_fd=2**32),
+    lambda r: r.statx(2**31),
+    lambda r: r.fsync(2**31),
+    lambda r: r.close_fd(2**31),
+    lambda r: r.readv(2**31, [bytearray(1)]),
+    lambda r: r.read_many(2**31, bytearray(4), [0], 4),
+    lambda r: r.read_many(0, bytearray(4), [2**64], 4),
+])
+def test_out_of_range_arguments_raise_value_error_and_leave_nothing(call: object) -> None:
+    """Arguments outside the kernel ABI's ranges raise ValueError; nothing stays registered, so
+    close() returns at once (these used to leave a phantom operation that close() waited for)."""
+    with saferring.Ring(8) as ring:
+        with pytest.raises(ValueError):
+            call(ring)  # type: ignore[operator]
+        assert ring.stats().in_flight == 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda r: r.read("0", bytearray(4)),
+    lambda r: r.read(0, bytearray(4), 1.5),
+    lambda r: r.read_many(0, bytearray(4), [0], 4.0),
+    lambda r: r.read_many(0, bytearray(12), 3, 4),
+    lambda r: r.wait(1.5),
+])
+def test_wrong_argument_types_raise_type_error(call: object) -> None:
+    """Non-integers where the ABI wants integers raise TypeError and leave nothing behind."""
+    with saferring.Ring(8) as ring:
+        with pytest.raises(TypeError):
+            call(ring)  # type: ignore[operator]
+        assert ring.stats().in_flight == 0
+
+
+def test_huge_timeouts(ring: saferring.Ring) -> None:
+    """wait() takes any non-negative timeout (inf = none); timeout() refuses absurd ones."""
+    op = ring.nop()
+    assert ring.wait(1, timeout=1e10) == [op]
+    op = ring.nop()
+    assert ring.wait(1, timeout=float("inf")) == [op]
+    for bad in (1e300, 2**70):
+        with pytest.raises(ValueError):
+            ring.timeout(bad)
+
+
+def test_batch_table_exhausted_raises_instead_of_spinning() -> None:
+    """With every slot of the C batch table held by a pending batch, a new batch raises EBUSY."""
+    out = run_isolated("""
+        import errno, os, saferring
+        r = saferring.Ring(4096)
+        rfd, wfd = os.pipe()
+        buf = bytearray(4 * 4096)
+        pending = [r.read_many(rfd, memoryview(buf)[i * 4:i * 4 + 4], [0], 4) for i in range(4096)]
+        try:
+            r.nop_many(1)
+        except OSError as exc:
+            assert exc.errno == errno.EBUSY, exc
+        else:
+            raise SystemExit("expected EBUSY")
+        r.close()
+        assert all(b.state is saferring.OpState.CANCELLED for b in pending)
+        print("ok")
+    """, timeout=120)
+    assert "ok" in out
+
+
+def test_close_works_at_the_pre_5_5_cq_limit() -> None:
+    """Kernels that drop CQEs get a cap on user requests, with room left for close()'s cancels
+    (the guard is switched on by hand: this kernel has IORING_FEAT_NODROP)."""
+    ring = saferring.Ring(4)
+    ring._c.cq_guard = 1
+    r, w = os.pipe()
+    try:
+        ops = [ring.read(r, bytearray(4)) for _ in range(ring.features.cq_entries * 3 // 4)]
+        ring.submit()
+        ring.close()
+        assert {op.state for op in ops} == {OpState.CANCELLED}
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_kernel_refusing_the_thread_is_wrong_thread_error() -> None:
+    """If the kernel refuses the calling thread (EEXIST on a single-issuer ring, e.g. after a
+    dead owner's thread id was reused), saferring raises WrongThreadError."""
+    ring = saferring.Ring(8, single_issuer=True)
+    caught: list[BaseException] = []
+
+    def other() -> None:
+        ring._owner = ring._owner_ident = threading.get_ident()  # what an id reuse looks like
+        ring.nop()
+        try:
+            ring.submit()
+        except BaseException as exc:
+            caught.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    ring._owner = ring._owner_ident = threading.get_ident()
+    assert caught and isinstance(caught[0], saferring.WrongThreadError)
+    ring.close()
+
+
+def test_run_refuses_an_operation_that_was_never_queued(ring: saferring.Ring) -> None:
+    """An Operation built by hand is not in the registry: run() refuses instead of waiting."""
+    with pytest.raises(OperationStateError, match="never submitted"):
+        ring.run(saferring.Operation(ring, None, 12345))
