@@ -9,8 +9,9 @@ import os
 import pytest
 
 import saferring
-from _helpers import run_isolated
 from saferring import OperationStateError, OpState
+
+from _helpers import run_isolated
 
 
 def test_nop_many_completes_once_with_every_result(ring: saferring.Ring) -> None:

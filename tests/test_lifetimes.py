@@ -12,8 +12,9 @@ import weakref
 import pytest
 
 import saferring
-from _helpers import run_isolated
 from saferring import OpState
+
+from _helpers import run_isolated
 
 
 class Buf(bytearray):

@@ -9,10 +9,11 @@ import os
 import threading
 
 import pytest
-from _helpers import run_isolated
 
 import saferring
 from saferring import OperationStateError, OpState
+
+from _helpers import run_isolated
 
 
 def test_iterator_closing_the_ring_mid_call_is_refused() -> None:

@@ -7,8 +7,9 @@ import os
 import pytest
 
 import saferring
-from _helpers import run_isolated
 from saferring import RingClosedError
+
+from _helpers import run_isolated
 
 
 def test_context_manager_closes_and_close_is_idempotent() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import saferring
+
 from _helpers import run_isolated
 
 

@@ -572,24 +572,14 @@ class Ring:
         registry[ud] = op
         begun = False
         try:
-            for _ in range(100):  # at most about a second
-                rc = lib.sr_batch_begin(c, batch, ud, count)
-                if rc != -errno.EBUSY:
-                    break
-                self._make_room()  # every slot of the C batch table is in flight
+            rc = lib.sr_batch_begin(c, batch, ud, count)
+            if rc == -errno.EBUSY:
+                rc = self._wait_for_batch_slot(batch, ud, count)
             if rc < 0:
                 raise os_error(-rc, f"no batch slot: {_BATCH_TABLE} batches are in flight")
             begun = True
-            failures = 0
-            while batch.prepared < count:
-                rc = prep(c, batch, count - batch.prepared, *args)
-                if rc > 0:
-                    continue
-                failures += 1
-                if -rc not in _RETRYABLE or failures > 1000:
-                    raise os_error(-rc, f"only {batch.prepared} of the batch's {count} SQEs "
-                                        "could be queued (those complete as usual)")
-                self._make_room()
+            if prep(c, batch, count, *args) != count:
+                self._prep_batch_rest(batch, count, prep, args)
         except BaseException as exc:
             if not begun:
                 registry.pop(ud, None)
@@ -603,6 +593,29 @@ class Ring:
                 raise ValueError(f"an argument is out of range for the kernel ABI: {exc}") from None
             raise
         return op
+
+    def _wait_for_batch_slot(self, batch: Any, ud: int, count: int) -> int:
+        """Every slot of the C batch table is in flight: reap for up to about a second."""
+        rc = -errno.EBUSY
+        for _ in range(100):
+            self._make_room()
+            rc = lib.sr_batch_begin(self._c, batch, ud, count)
+            if rc != -errno.EBUSY:
+                break
+        return int(rc)
+
+    def _prep_batch_rest(self, batch: Any, count: int, prep: Any, args: Any) -> None:
+        """The SQ (or the kernel) did not take the whole batch at once: reap and go on."""
+        failures = 0
+        while batch.prepared < count:
+            rc = prep(self._c, batch, count - batch.prepared, *args)
+            if rc > 0:
+                continue
+            failures += 1
+            if -rc not in _RETRYABLE or failures > 1000:
+                raise os_error(-rc, f"only {batch.prepared} of the batch's {count} SQEs could "
+                                    "be queued (those complete as usual)")
+            self._make_room()
 
     @_exclusive
     def nop_many(self, count: int) -> BatchOperation:
@@ -634,13 +647,19 @@ class Ring:
 
     def _rw_many(self, opcode: int, fd: int, buffer: Any, offsets: Any, block_size: int,
                  writable: bool) -> BatchOperation:
-        self._require(opcode)
-        pin = _pinning.writable(buffer) if writable else _pinning.readable(buffer)
-        block_size = _pinning.index(block_size, "block_size")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        _pinning.check_len(block_size)
-        fd = _pinning.index(fd, "fd")
+        if not self._sup[opcode]:
+            self._unsupported(opcode)
+        if type(buffer) is bytearray and writable:
+            try:
+                pin = _from_buffer("char[]", buffer, True)
+            except BufferError as exc:
+                raise _pinning.not_writable(buffer, exc) from None
+        else:
+            pin = _pinning.writable(buffer) if writable else _pinning.readable(buffer)
+        if type(block_size) is not int:
+            block_size = _pinning.index(block_size, "block_size")
+        if not 1 <= block_size <= _MAX_LEN:
+            raise ValueError(f"block_size must be between 1 and {_MAX_LEN}, got {block_size}")
         if isinstance(offsets, (int, str, bytes)):
             raise TypeError(f"offsets must be a sequence of ints, got {type(offsets).__name__}")
         try:
@@ -810,7 +829,8 @@ class Ring:
         collects what is already done.  Asking for more than could ever complete raises
         ``ValueError`` instead of blocking forever.
         """
-        min_complete = _pinning.index(min_complete, "min_complete")
+        if type(min_complete) is not int:
+            min_complete = _pinning.index(min_complete, "min_complete")
         if min_complete < 0:
             raise ValueError(f"min_complete must be >= 0, got {min_complete}")
         if min_complete > len(self._ready) + len(self._registry):
@@ -818,10 +838,16 @@ class Ring:
                 f"wait(min_complete={min_complete}) could never return: only "
                 f"{len(self._registry)} operations are in flight and {len(self._ready)} finished"
             )
-        timeout_ns, deadline = _deadline(timeout)
+        if timeout is None:
+            timeout_ns, deadline = -1, 0.0
+        else:
+            timeout_ns, deadline = _deadline(timeout)
+        cap = self._cq_size
         while True:
             need = min_complete - len(self._ready)
-            self._reap(min(need, self._cq_size) if need > 0 else 0, timeout_ns)
+            if need > cap:
+                need = cap
+            self._reap(need if need > 0 else 0, timeout_ns)
             if len(self._ready) >= min_complete:
                 break
             if timeout_ns >= 0:
