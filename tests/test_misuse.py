@@ -293,3 +293,13 @@ def test_run_refuses_an_operation_that_was_never_queued(ring: saferring.Ring) ->
     """An Operation built by hand is not in the registry: run() refuses instead of waiting."""
     with pytest.raises(OperationStateError, match="never submitted"):
         ring.run(saferring.Operation(ring, None, 12345))
+
+
+def test_a_stale_busy_mark_heals(ring: saferring.Ring) -> None:
+    """A busy mark left behind with no ring call running (what a signal during exception
+    unwinding can leave on CPython 3.10) is recognised as stale: the next call proceeds."""
+    from saferring.ring import _BUSY
+
+    ring._owner = _BUSY
+    assert ring.run(ring.nop()) == 0
+    assert ring._owner == threading.get_ident()

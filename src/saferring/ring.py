@@ -39,11 +39,12 @@ import errno
 import functools
 import math
 import os
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from . import _pinning
@@ -123,14 +124,13 @@ def _exclusive(method: Callable[Concatenate[Ring, P], R]) -> Callable[Concatenat
     """
 
     def exclusive(self: Ring, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        owner = self._owner
-        if _get_ident() != owner:
+        if _get_ident() != self._owner:
             self._refuse()
         self._owner = _BUSY
         try:
             return method(self, *args, **kwargs)
         finally:
-            self._owner = _NO_OWNER if self._forked else owner
+            self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
 
     functools.update_wrapper(exclusive, method)
     return exclusive
@@ -280,16 +280,18 @@ class Ring:
         if self._forked:
             self._drop_forked_copy()
             return
-        owner = self._owner
-        if _get_ident() != owner:
+        if _get_ident() != self._owner:
             self._refuse()
         self._owner = _BUSY
         try:
             self._drain()
             self._teardown()
         except BaseException:
-            if not self._closed:
-                self._owner = owner  # still open (interrupted, or the kernel refused): retry
+            # Still open (interrupted, or the kernel refused): the caller may retry.  Written
+            # without a jump, like every owner restore: on CPython 3.10 a conditional jump is
+            # where a signal handler can raise.  (Entering this handler is such a place too on
+            # 3.10; a busy mark left behind that way is found stale and cleared by _refuse.)
+            self._owner = (self._owner_ident, _NO_OWNER)[self._closed]
             raise
 
     def _teardown(self) -> None:
@@ -311,6 +313,8 @@ class Ring:
             # Collect what has already completed first: no cancel is needed for those.
             while self._reap(0, -1) > 0:
                 pass
+            for op in [op for op in registry.values() if op._res is not None]:
+                self._finish(op)  # recorded by an interrupted dispatch
             now = time.monotonic()
             if registry and now - last_cancel >= _RECANCEL_SECONDS:
                 # Repeated because a cancel can miss: an op that was running when the first
@@ -371,11 +375,27 @@ class Ring:
         if self._closed:
             raise RingClosedError("the Ring is closed")
         if self._owner == _BUSY and _get_ident() == self._owner_ident:
+            if not self._call_in_progress():
+                # A stale mark: a signal handler raised while a ring call was unwinding, before
+                # its finally block could clear the mark (possible on CPython 3.10).  No ring
+                # call is running on this thread, so the ring is free: let this call proceed.
+                self._owner = self._owner_ident
+                return
             raise OperationStateError(
                 "the ring was re-entered: a ring method was called from code that runs inside "
                 "another call on the same ring (a finaliser, a signal handler, an iterator or "
                 "__index__ of an argument)")
         raise WrongThreadError(self._thread_message())
+
+    def _call_in_progress(self) -> bool:
+        """True if a ring call on this ring is running on the current thread's stack."""
+        # Skip this function, _refuse and the guarded function that called _refuse.
+        frame: FrameType | None = sys._getframe(3)
+        while frame is not None:
+            if frame.f_code in _GUARDED_CODE and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back
+        return False
 
     def _thread_message(self) -> str:
         return (f"this Ring belongs to thread {self._owner_ident}, not {_get_ident()}: a ring is "
@@ -450,8 +470,7 @@ class Ring:
 
     def nop(self) -> NopOperation:
         """Queue a no-op (``IORING_OP_NOP``); its result is 0."""
-        owner = self._owner
-        if _get_ident() != owner:
+        if _get_ident() != self._owner:
             self._refuse()
         self._owner = _BUSY
         try:
@@ -466,7 +485,7 @@ class Ring:
                 raise self._unregister_if_unprepared(ud, exc) from None
             return op
         finally:
-            self._owner = _NO_OWNER if self._forked else owner
+            self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
 
     # read() and write() repeat each other's shape on purpose: they are the single-operation hot
     # path, and a shared helper costs one more Python call per operation.
@@ -480,8 +499,7 @@ class Ring:
         memory anyway (ctypes arrays, ...) raise ``TypeError``.  ``offset=-1`` reads at the file
         position and advances it.  The result is the number of bytes read.
         """
-        owner = self._owner
-        if _get_ident() != owner:
+        if _get_ident() != self._owner:
             self._refuse()
         self._owner = _BUSY
         try:
@@ -510,7 +528,7 @@ class Ring:
                 raise self._unregister_if_unprepared(ud, exc) from None
             return op
         finally:
-            self._owner = _NO_OWNER if self._forked else owner
+            self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
 
     def write(self, fd: int, data: Any, offset: int = -1) -> WriteOperation:
         """Queue a write of ``data`` (``bytes``, ``bytearray``, ``array.array``, ``mmap`` or a
@@ -518,8 +536,7 @@ class Ring:
 
         ``offset=-1`` writes at the file position.  The result is the number of bytes written.
         """
-        owner = self._owner
-        if _get_ident() != owner:
+        if _get_ident() != self._owner:
             self._refuse()
         self._owner = _BUSY
         try:
@@ -548,7 +565,7 @@ class Ring:
                 raise self._unregister_if_unprepared(ud, exc) from None
             return op
         finally:
-            self._owner = _NO_OWNER if self._forked else owner
+            self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -585,10 +602,8 @@ class Ring:
                 registry.pop(ud, None)
             elif lib.sr_batch_abandon(c, batch, -errno.ECANCELED):
                 # Nothing of it is in flight any more: no batch CQE will come, finish it here.
-                registry.pop(ud, None)
                 op._res = batch.first_error or count
-                op._state = op._final_state(op._res) if op._res < 0 else _COMPLETED
-                op._pins = None
+                self._finish(op)
             if isinstance(exc, OverflowError):
                 raise ValueError(f"an argument is out of range for the kernel ABI: {exc}") from None
             raise
@@ -883,7 +898,7 @@ class Ring:
         ``wait_nr`` CQEs (``timeout_ns`` < 0: no limit) and dispatch what arrived.  Returns
         how many CQEs were dispatched (1 for a finished backlog)."""
         if self._backlog is not None:
-            self._consume(self._backlog)
+            self._recover()
             return 1
         n = lib.sr_reap(self._c, wait_nr, timeout_ns, self._cq_size, self._cq_ud, self._cq_res,
                         self._cq_flags)
@@ -912,6 +927,26 @@ class Ring:
         self._backlog = items
         self._c.unacked = 0
         self._consume(items)
+
+    def _recover(self) -> None:
+        """Finish a dispatch that an exception (a signal handler's) interrupted.
+
+        First the operation that was being recorded: an operation still in the registry whose
+        ``_res`` is set has had its final CQE (``_res`` is the first thing the loop stores, and
+        nothing before that store can run a handler).  Then the rest of the batch.
+        """
+        for op in [op for op in self._registry.values() if op._res is not None]:
+            self._finish(op)
+        self._consume(self._backlog)
+
+    def _finish(self, op: Operation[Any]) -> None:
+        """Record the end of ``op`` (its ``_res`` is set) outside the hot loop."""
+        res = op._res if op._res is not None else 0
+        op._state = op._final_state(res) if res < 0 else _COMPLETED
+        self._registry.pop(op.user_data, None)
+        self._cancelled.discard(op.user_data)
+        op._pins = None
+        self._ready.append(op)
 
     def _consume(self, items: Any) -> None:
         registry = self._registry
@@ -956,6 +991,14 @@ class Ring:
             return "<Ring closed>"
         return (f"<Ring fd={int(self._c.ring.ring_fd)} sq={int(self._c.sq_entries)} "
                 f"cq={self._cq_size} in_flight={len(self._registry)}>")
+
+
+# The code objects of every function that marks a ring busy: the _exclusive wrapper (shared
+# by all decorated methods) and the methods that inline the same guard.
+_GUARDED_CODE = frozenset({
+    Ring.nop.__code__, Ring.read.__code__, Ring.write.__code__, Ring.close.__code__,
+    Ring.wait.__code__,  # the wrapper: every @_exclusive method shares this code object
+})
 
 
 def _count(count: int) -> int:
