@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test test-newest-python bench lint typecheck setup system-deps clean
+.PHONY: all demo test test-other-pythons bench lint typecheck setup system-deps clean
 
 all: test
 
@@ -39,19 +39,23 @@ typecheck: setup
 
 test: setup lint typecheck
 	$(PY) -m pytest -q tests
-	$(MAKE) test-newest-python
+	$(MAKE) test-other-pythons
 
-# The core tests on the newest CPython this machine has (pyenv), in a venv of its own.
-test-newest-python: setup
+# The core tests on the newest CPython this machine has (pyenv), and on the oldest supported
+# one (3.10), each in a venv of its own with saferring installed from the checkout.
+test-other-pythons: setup
 	@newest=$$(ls -d $$HOME/.pyenv/versions/3.* 2>/dev/null | sort -V | tail -n 1); \
-	if [ -z "$$newest" ]; then echo "no pyenv CPython found: skipping the newest-Python run"; exit 0; fi; \
-	v=$$(basename $$newest); \
-	if [ "$$($$newest/bin/python -c 'import sys; print(sys.version_info >= (3, 10))')" != True ]; then \
-	    echo "newest CPython $$v is older than 3.10: skipping"; exit 0; fi; \
-	echo "== core tests on CPython $$v =="; \
-	[ -x .venv-$$v/bin/python ] || $$newest/bin/python -m venv .venv-$$v; \
-	.venv-$$v/bin/python -m pip install -q '.[test]' && \
-	cd tests && ../.venv-$$v/bin/python -m pytest -q -p no:cacheprovider -m 'not slow' .
+	oldest=$$(ls -d $$HOME/.pyenv/versions/3.10.* 2>/dev/null | sort -V | tail -n 1); \
+	if [ -z "$$newest$$oldest" ]; then echo "no pyenv CPythons found: skipping"; exit 0; fi; \
+	for py in $$(printf '%s\n' $$newest $$oldest | sort -u); do \
+	    v=$$(basename $$py); \
+	    if [ "$$($$py/bin/python -c 'import sys; print(sys.version_info >= (3, 10))')" != True ]; then \
+	        echo "CPython $$v is older than 3.10: skipping"; continue; fi; \
+	    echo "== core tests on CPython $$v =="; \
+	    [ -x .venv-$$v/bin/python ] || $$py/bin/python -m venv .venv-$$v || exit 1; \
+	    .venv-$$v/bin/python -m pip install -q '.[test]' || exit 1; \
+	    (cd tests && ../.venv-$$v/bin/python -m pytest -q -p no:cacheprovider -m 'not slow' .) || exit 1; \
+	done
 
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,ops --benchmark-sort=name
