@@ -7,7 +7,7 @@ holds, in ``_pins``, every object the kernel may read or write for it: the expor
 and an ``mmap`` cannot be closed), iovec arrays, C copies of paths, timespecs.  The ring drops
 ``_pins`` only when it has copied that final CQE out of the completion queue.
 
-The life cycle is the table in ``_state.py``; the completion path lives in ``Ring._dispatch``
+The life cycle is the table in ``_state.py``; the completion path lives in ``Ring._reap``/``Ring._consume``
 because it is the hottest loop in the library.
 """
 
