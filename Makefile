@@ -53,7 +53,7 @@ test-other-pythons: setup
 	        echo "CPython $$v is older than 3.10: skipping"; continue; fi; \
 	    echo "== core tests on CPython $$v =="; \
 	    [ -x .venv-$$v/bin/python ] || $$py/bin/python -m venv .venv-$$v || exit 1; \
-	    .venv-$$v/bin/python -m pip install -q '.[test]' || exit 1; \
+	    rm -rf build; .venv-$$v/bin/python -m pip install -q '.[test]' || exit 1; \
 	    (cd tests && ../.venv-$$v/bin/python -m pytest -q -p no:cacheprovider -m 'not slow' .) || exit 1; \
 	done
 
