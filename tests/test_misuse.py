@@ -291,8 +291,12 @@ def test_kernel_refusing_the_thread_is_wrong_thread_error() -> None:
 
 def test_run_refuses_an_operation_that_was_never_queued(ring: saferring.Ring) -> None:
     """An Operation built by hand is not in the registry: run() refuses instead of waiting."""
+    from saferring.operation import NopOperation, new_operation
+
+    with pytest.raises(TypeError):
+        saferring.Operation(ring, None, 12345)  # operations are built by the ring only
     with pytest.raises(OperationStateError, match="never submitted"):
-        ring.run(saferring.Operation(ring, None, 12345))
+        ring.run(new_operation(NopOperation, ring, None, 12345))
 
 
 def test_a_stale_busy_mark_heals(ring: saferring.Ring) -> None:
@@ -303,3 +307,97 @@ def test_a_stale_busy_mark_heals(ring: saferring.Ring) -> None:
     ring._owner = _BUSY
     assert ring.run(ring.nop()) == 0
     assert ring._owner == threading.get_ident()
+
+
+def test_spoofed_class_does_not_pass_the_exporter_check(ring: saferring.Ring) -> None:
+    """An object claiming to be a bytearray through __class__ is judged by its real type."""
+
+    class Spoof(ctypes.Array):  # type: ignore[type-arg]
+        _type_ = ctypes.c_char
+        _length_ = 16
+
+        @property  # type: ignore[misc]
+        def __class__(self):  # type: ignore[no-untyped-def]
+            return bytearray
+
+    buf = Spoof()
+    assert isinstance(buf, bytearray)
+    with pytest.raises(TypeError, match="cannot move"):
+        ring.read(0, buf)
+    with pytest.raises(TypeError, match="cannot move"):
+        ring.read(0, memoryview(buf))
+
+
+def test_fork_inside_a_ring_call_leaves_the_parent_ring_alone() -> None:
+    """A fork from code running inside a ring call (here a writev buffers iterator): the child
+    finishing the call is refused in C, and the parent's pending read gets its data."""
+    out = run_isolated("""
+        import os, time, saferring
+        r = saferring.Ring(1)                  # one SQE: the queued read fills the SQ
+        rfd, wfd = os.pipe()
+        os.write(wfd, b"hello")
+        buf = bytearray(5)
+        op = r.read(rfd, buf)                  # queued, not yet submitted
+        parent = os.getpid()
+        def gen():
+            if os.fork() != 0:
+                time.sleep(0.3)                # the parent lets the child go first
+            yield b"x"
+        try:
+            r.writev(wfd, gen())
+            outcome = "ok"
+        except saferring.ForkedRingError:
+            outcome = "forked"
+        if os.getpid() != parent:
+            os._exit(0 if outcome == "forked" else 3)
+        _, status = os.wait()
+        assert os.waitstatus_to_exitcode(status) == 0, "the child was not refused"
+        assert r.run(op) == 5 and buf == b"hello", bytes(buf)
+        r.close()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_exception_right_after_batch_begin_leaves_no_slot_behind() -> None:
+    """An exception arriving just after sr_batch_begin returned (simulated with a profile hook)
+    neither strands the batch nor leaks a slot of the C batch table."""
+    out = run_isolated("""
+        import sys, saferring
+        from saferring._binding import lib
+        r = saferring.Ring(64)
+        class Interrupt(Exception): pass
+        def hook(frame, event, arg):
+            if event == "c_return" and arg is lib.sr_batch_begin:
+                raise Interrupt
+        for _ in range(5000):
+            sys.setprofile(hook)
+            try:
+                r.nop_many(1)
+            except Interrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+        assert r.stats().in_flight == 0, r.stats()
+        assert r.run(r.nop_many(3)) == [0, 0, 0]
+        r.close()
+        print("ok")
+    """, timeout=120)
+    assert "ok" in out
+
+
+def test_objects_cannot_be_reinitialised(ring: saferring.Ring) -> None:
+    """Re-running __init__ would drop pins of in-flight work: both classes refuse it."""
+    r, w = os.pipe()
+    try:
+        op = ring.read(r, bytearray(4))
+        with pytest.raises(TypeError):
+            op.__init__(ring, None, op.user_data)  # type: ignore[misc]
+        with pytest.raises(OperationStateError):
+            ring.__init__(8)  # type: ignore[misc]
+        assert ring.stats().pinned_bytes == 4
+        os.write(w, b"abcd")
+        assert ring.run(op) == 4
+    finally:
+        os.close(r)
+        os.close(w)

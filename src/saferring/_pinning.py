@@ -45,12 +45,23 @@ def not_readable(obj: Any, exc: Exception) -> TypeError:
 LOCKING_EXPORTERS = (bytearray, bytes, array.array, mmap.mmap, io.BytesIO)
 
 
+def _locks_memory(obj: Any) -> bool:
+    # type(), not isinstance(): isinstance honours a spoofed __class__.  A subclass counts only
+    # if it does not bring its own buffer protocol (Python 3.12's __buffer__), which could hand
+    # out memory of any other object.
+    cls = type(obj)
+    for base in LOCKING_EXPORTERS:
+        if issubclass(cls, base):
+            return getattr(cls, "__buffer__", None) is getattr(base, "__buffer__", None)
+    return False
+
+
 def check_exporter(obj: Any, writable: bool) -> None:
     """``TypeError`` unless ``obj`` is (a memoryview of) an exporter that locks its memory."""
     base = obj
-    while isinstance(base, memoryview):
+    while type(base) is memoryview:  # memoryview cannot be subclassed
         base = base.obj  # ValueError for a released view, as Python's own I/O raises
-    if not isinstance(base, LOCKING_EXPORTERS):
+    if not _locks_memory(base):
         what = "a read target" if writable else "data to write"
         raise TypeError(
             f"{what} must be a bytearray, array.array, mmap or memoryview of one"

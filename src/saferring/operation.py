@@ -47,12 +47,17 @@ class Operation(Generic[T]):
     #: Negative results that mean success for this kind (e.g. ``ETIME`` for a timeout).
     _ok_errnos: ClassVar[frozenset[int]] = frozenset()
 
-    def __init__(self, ring: Ring, pins: object, user_data: int) -> None:
-        self._ring = ring
-        self._pins = pins
-        self._res: int | None = None
-        self._state = QUEUED
-        self.user_data = user_data
+    _ring: Ring
+    _res: int | None
+    _pins: object
+    _state: OpState
+    #: The 64-bit tag the kernel echoes back in the CQE; unique for the ring's lifetime.
+    user_data: int
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # Re-running __init__ on a live operation would drop its pins under the kernel, so
+        # operations are built only by the ring, through new_operation().
+        raise TypeError("operations are created by Ring methods (ring.read(...), ...), not directly")
 
     # -- what the ring calls ---------------------------------------------------------------
 
@@ -197,11 +202,8 @@ class OpenOperation(IntOperation):
 
     __slots__ = ("_claimed", "_path")
     kind = "openat"
-
-    def __init__(self, ring: Ring, pins: object, user_data: int, path: Any) -> None:
-        super().__init__(ring, pins, user_data)
-        self._path = path
-        self._claimed = False
+    _path: Any
+    _claimed: bool
 
     def _value(self, res: int) -> int:
         self._claimed = True
@@ -211,7 +213,7 @@ class OpenOperation(IntOperation):
         return self._path
 
     def __del__(self) -> None:
-        if self._state is COMPLETED and not self._claimed and self._res is not None:
+        if self._state is COMPLETED and not getattr(self, "_claimed", False) and self._res is not None:
             try:
                 os.close(self._res)
             except OSError:
@@ -271,13 +273,8 @@ class StatxOperation(Operation[StatxResult]):
 
     __slots__ = ("_out", "_path")
     kind = "statx"
-
-    def __init__(self, ring: Ring, pins: object, user_data: int, out: Any, path: Any) -> None:
-        super().__init__(ring, pins, user_data)
-        # The statx buffer is pinned through _pins like everything else; _out keeps it readable
-        # after the final CQE released the pins (the kernel is done with it by then).
-        self._out = out
-        self._path = path
+    _out: Any
+    _path: Any
 
     def _filename(self) -> Any:
         return self._path
@@ -323,21 +320,11 @@ class BatchOperation(Operation[list[int]]):
     __slots__ = ("_out", "count", "member_kind")
     kind = "batch"
 
-    def __init__(self, ring: Ring, pins: object, user_data: int, batch: Any, count: int,
-                 kind: str) -> None:
-        # One level of __init__ (no super() call): this runs once per batch on the hot path.
-        self._ring = ring
-        self._pins = pins
-        self._res = None
-        self._state = QUEUED
-        self.user_data = user_data
-        # The sr_batch struct (results inline): pinned via _pins while in flight, kept in _out
-        # so the results stay readable after the pins are released.
-        self._out = batch
-        #: How many SQEs the batch is made of.
-        self.count = count
-        #: What each member does ("nop", "read", "write").
-        self.member_kind = kind
+    _out: Any
+    #: How many SQEs the batch is made of.
+    count: int
+    #: What each member does ("nop", "read", "write").
+    member_kind: str
 
     def results_or_errors(self) -> list[int]:
         """Every member's raw result in order: >= 0 on success, ``-errno`` on failure."""
@@ -361,6 +348,27 @@ class BatchOperation(Operation[list[int]]):
         pending = lib.SR_RES_PENDING
         return [lib.sr_batch_member_ud(batch, i)
                 for i, r in enumerate(ffi.unpack(batch.res, self.count)) if r == pending]
+
+
+_object_new = object.__new__
+
+OpT = TypeVar("OpT", bound=Operation[Any])
+
+
+def new_operation(cls: type[OpT], ring: Ring, pins: object, user_data: int) -> OpT:
+    """Build an operation (the only way: ``__init__`` refuses, so a live one cannot be reset).
+
+    The statx buffer of a StatxOperation and the sr_batch struct of a BatchOperation are kept
+    in ``_out`` by the caller; they are pinned through ``_pins`` like everything else while in
+    flight, and ``_out`` keeps them readable after the pins are released.
+    """
+    op = _object_new(cls)
+    op._ring = ring
+    op._pins = pins
+    op._res = None
+    op._state = QUEUED
+    op.user_data = user_data
+    return op
 
 
 class CancelRequest:

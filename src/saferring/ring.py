@@ -79,6 +79,7 @@ from .operation import (
     WriteOperation,
     WritevOperation,
 )
+from .operation import new_operation as _new_op
 
 _get_ident = threading.get_ident
 _unpack: Any = ffi.unpack if ffi is not None else None
@@ -110,6 +111,7 @@ _BATCH_TABLE = 4096  # SR_BATCH_TABLE in uring.c
 _NEG_ECANCELED = -errno.ECANCELED
 _NEG_EINTR = -errno.EINTR
 _MAX_OFFSET = (1 << 63) - 1
+_MIN_FD, _MAX_FD = -(1 << 31), (1 << 31) - 1
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -135,6 +137,16 @@ def _exclusive(method: Callable[Concatenate[Ring, P], R]) -> Callable[Concatenat
 
     functools.update_wrapper(exclusive, method)
     return exclusive
+
+
+def _enter_error(code: int, what: str) -> Exception:
+    """The exception for a failed C entry point: the fork and thread refusals get their own."""
+    if code == errno.ECHILD:
+        return ForkedRingError("this Ring belongs to the parent process (the process forked "
+                               "during the call); a forked child must not use it")
+    if code == errno.EEXIST:
+        return WrongThreadError(_EEXIST_MESSAGE)
+    return os_error(code, what)
 
 
 def _check_offset(offset: int) -> None:
@@ -200,6 +212,9 @@ class Ring:
         defer_taskrun: bool = False,
         cq_entries: int | None = None,
     ) -> None:
+        if hasattr(self, "_owner"):
+            # Re-running __init__ on a live ring would replace its registry (and its pins).
+            raise OperationStateError("Ring.__init__ was called on a ring that already exists")
         # Safe defaults first: if anything below raises, __del__ finds a closed ring.
         self._owner = _NO_OWNER
         self._closed = True
@@ -314,8 +329,7 @@ class Ring:
             # Collect what has already completed first: no cancel is needed for those.
             while self._reap(0, -1) > 0:
                 pass
-            for op in [op for op in registry.values() if op._res is not None]:
-                self._finish(op)  # recorded by an interrupted dispatch
+            self._finish_orphans()
             now = time.monotonic()
             if registry and now - last_cancel >= _RECANCEL_SECONDS:
                 # Repeated because a cancel can miss: an op that was running when the first
@@ -467,7 +481,7 @@ class Ring:
                 return
         self._registry.pop(ud, None)
         self._internal.pop(ud, None)
-        raise os_error(-rc, "no submission queue entry could be obtained")
+        raise _enter_error(-rc, "no submission queue entry could be obtained")
 
     def nop(self) -> NopOperation:
         """Queue a no-op (``IORING_OP_NOP``); its result is 0."""
@@ -477,7 +491,8 @@ class Ring:
         try:
             ud = self._next_ud
             self._next_ud = ud + 1
-            op = self._registry[ud] = NopOperation(self, None, ud)
+            op = _new_op(NopOperation, self, None, ud)
+            self._registry[ud] = op
             try:
                 rc = lib.sr_prep_nop(self._c, ud)
                 if rc < 0:
@@ -519,7 +534,8 @@ class Ring:
                 _pinning.check_len(n)
             ud = self._next_ud
             self._next_ud = ud + 1
-            op = self._registry[ud] = ReadOperation(self, pin, ud)
+            op = _new_op(ReadOperation, self, pin, ud)
+            self._registry[ud] = op
             try:
                 rc = lib.sr_prep(self._c, ud, _OP_READ, fd, pin, n, offset, 0, 0)
                 if rc < 0:
@@ -556,7 +572,8 @@ class Ring:
                 _pinning.check_len(n)
             ud = self._next_ud
             self._next_ud = ud + 1
-            op = self._registry[ud] = WriteOperation(self, pin, ud)
+            op = _new_op(WriteOperation, self, pin, ud)
+            self._registry[ud] = op
             try:
                 rc = lib.sr_prep(self._c, ud, _OP_WRITE, fd, pin, n, offset, 0, 0)
                 if rc < 0:
@@ -584,27 +601,35 @@ class Ring:
         batch = ffi.new("sr_batch *", {"res": count})  # results inline (flexible array member)
         ud = self._next_ud
         self._next_ud = ud + 1
-        op = BatchOperation(self, (pins, batch), ud, batch, count, kind)
+        op = _new_op(BatchOperation, self, (pins, batch), ud)
+        op._out = batch
+        op.count = count
+        op.member_kind = kind
         c = self._c
         registry = self._registry
         registry[ud] = op
-        begun = False
         try:
             rc = lib.sr_batch_begin(c, batch, ud, count)
             if rc == -errno.EBUSY:
                 rc = self._wait_for_batch_slot(batch, ud, count)
             if rc < 0:
-                raise os_error(-rc, f"no batch slot: {_BATCH_TABLE} batches are in flight")
-            begun = True
+                raise _enter_error(-rc, f"no batch slot: {_BATCH_TABLE} batches are in flight")
             if prep(c, batch, count, *args) != count:
                 self._prep_batch_rest(batch, count, prep, args)
         except BaseException as exc:
-            if not begun:
-                registry.pop(ud, None)
-            elif lib.sr_batch_abandon(c, batch, -errno.ECANCELED):
-                # Nothing of it is in flight any more: no batch CQE will come, finish it here.
-                op._res = batch.first_error or count
-                self._finish(op)
+            # What to undo is read from C, not from Python variables: an exception can arrive
+            # right after a C call returned, before Python recorded what it did.
+            if batch.n == 0:
+                registry.pop(ud, None)  # never entered the C batch table: nothing to undo
+            else:
+                # Settle the members that were never prepared.  If that ends the batch, it has
+                # no CQE to come: the next reap finishes it (_recover), so no exception between
+                # here and there can strand it in the registry.
+                if self._backlog is None:
+                    self._backlog = iter(())
+                if lib.sr_batch_abandon(c, batch, -errno.ECANCELED) and op._res is None:
+                    op._res = batch.first_error or count  # best effort; _recover otherwise
+                    self._finish(op)
             if isinstance(exc, OverflowError):
                 raise ValueError(f"an argument is out of range for the kernel ABI: {exc}") from None
             raise
@@ -629,8 +654,8 @@ class Ring:
                 continue
             failures += 1
             if -rc not in _RETRYABLE or failures > 1000:
-                raise os_error(-rc, f"only {batch.prepared} of the batch's {count} SQEs could "
-                                    "be queued (those complete as usual)")
+                raise _enter_error(-rc, f"only {batch.prepared} of the batch's {count} SQEs "
+                                        "could be queued (those complete as usual)")
             self._make_room()
 
     @_exclusive
@@ -673,6 +698,11 @@ class Ring:
                 raise _pinning.not_writable(buffer, exc) from None
         else:
             pin = _pinning.writable(buffer) if writable else _pinning.readable(buffer)
+        if type(fd) is not int:
+            fd = _pinning.index(fd, "fd")
+        if not _MIN_FD <= fd <= _MAX_FD:
+            # Checked here, not by cffi: the batch is in C's table before the first prep call.
+            raise ValueError(f"fd must fit a 32-bit int, got {fd}")
         if type(block_size) is not int:
             block_size = _pinning.index(block_size, "block_size")
         if not 1 <= block_size <= _MAX_LEN:
@@ -707,7 +737,7 @@ class Ring:
         self._require(_OP_READV)
         _check_offset(offset)
         vec, pins = _pinning.iovecs(buffers, _pinning.writable)
-        op = ReadvOperation(self, (vec, pins), self._take_ud())
+        op = _new_op(ReadvOperation, self, (vec, pins), self._take_ud())
         return self._queue(op, _OP_READV, fd, vec, len(pins), offset, 0)  # type: ignore[no-any-return]
 
     @_exclusive
@@ -716,7 +746,7 @@ class Ring:
         self._require(_OP_WRITEV)
         _check_offset(offset)
         vec, pins = _pinning.iovecs(buffers, _pinning.readable)
-        op = WritevOperation(self, (vec, pins), self._take_ud())
+        op = _new_op(WritevOperation, self, (vec, pins), self._take_ud())
         return self._queue(op, _OP_WRITEV, fd, vec, len(pins), offset, 0)  # type: ignore[no-any-return]
 
     @_exclusive
@@ -724,7 +754,7 @@ class Ring:
         """Queue an ``fsync`` (or ``fdatasync`` with ``datasync=True``) of ``fd``."""
         self._require(_OP_FSYNC)
         flags = lib.IORING_FSYNC_DATASYNC if datasync else 0
-        op = FsyncOperation(self, None, self._take_ud())
+        op = _new_op(FsyncOperation, self, None, self._take_ud())
         return self._queue(op, _OP_FSYNC, fd, ffi.NULL, 0, 0, flags)  # type: ignore[no-any-return]
 
     @_exclusive
@@ -740,14 +770,15 @@ class Ring:
         cpath = _pinning.path(path)
         dfd = lib.AT_FDCWD if dir_fd is None else dir_fd
         flags = _pinning.index(flags, "flags") | os.O_CLOEXEC
-        op = OpenOperation(self, cpath, self._take_ud(), path)
+        op = _new_op(OpenOperation, self, cpath, self._take_ud())
+        op._path = path
         return self._queue(op, _OP_OPENAT, dfd, cpath, mode, 0, flags)  # type: ignore[no-any-return]
 
     @_exclusive
     def close_fd(self, fd: int) -> CloseOperation:
         """Queue a ``close`` of ``fd``."""
         self._require(_OP_CLOSE)
-        op = CloseOperation(self, None, self._take_ud())
+        op = _new_op(CloseOperation, self, None, self._take_ud())
         return self._queue(op, _OP_CLOSE, fd, ffi.NULL, 0, 0, 0)  # type: ignore[no-any-return]
 
     @_exclusive
@@ -768,7 +799,9 @@ class Ring:
             dfd = lib.AT_FDCWD if dir_fd is None else dir_fd
             cpath = _pinning.path(path)
         out = ffi.new("struct statx *")
-        op = StatxOperation(self, (cpath, out), self._take_ud(), out, path)
+        op = _new_op(StatxOperation, self, (cpath, out), self._take_ud())
+        op._out = out
+        op._path = path
         mask = lib.STATX_BASIC_STATS | lib.STATX_BTIME
         addr = int(ffi.cast("uintptr_t", out))
         return self._queue(op, _OP_STATX, dfd, cpath, mask, addr, flags)  # type: ignore[no-any-return]
@@ -778,7 +811,7 @@ class Ring:
         """Queue a timeout that completes (result ``None``) once ``seconds`` have passed."""
         self._require(_OP_TIMEOUT)
         ts = _pinning.timespec(seconds)
-        op = TimeoutOperation(self, ts, self._take_ud())
+        op = _new_op(TimeoutOperation, self, ts, self._take_ud())
         return self._queue(op, _OP_TIMEOUT, -1, ts, 1, 0, 0)  # type: ignore[no-any-return]
 
     # -- cancellation ------------------------------------------------------------------------
@@ -830,10 +863,8 @@ class Ring:
         for _ in range(1000):
             if rc >= 0:
                 return int(rc)
-            if -rc == errno.EEXIST:
-                raise WrongThreadError(_EEXIST_MESSAGE)
             if -rc not in _RETRYABLE:
-                raise os_error(-rc, "io_uring_submit")
+                raise _enter_error(-rc, "io_uring_submit")
             # The kernel is holding back (CQ overflow backlog): make room, then try again.
             self._reap(0, -1)
             rc = lib.sr_submit(self._c)
@@ -924,9 +955,7 @@ class Ring:
             self._consume(items)
             return int(n)
         if n < 0 and -n not in _RETRYABLE:
-            if -n == errno.EEXIST:
-                raise WrongThreadError(_EEXIST_MESSAGE)
-            raise os_error(-n, "io_uring_enter")
+            raise _enter_error(-n, "io_uring_enter")
         return 0
 
     def _recover(self) -> None:
@@ -936,9 +965,18 @@ class Ring:
         ``_res`` is set has had its final CQE (``_res`` is the first thing the loop stores, and
         nothing before that store can run a handler).  Then the rest of the batch.
         """
-        for op in [op for op in self._registry.values() if op._res is not None]:
-            self._finish(op)
+        self._finish_orphans()
         self._consume(self._backlog)
+
+    def _finish_orphans(self) -> None:
+        """Finish operations whose end was recorded but not yet applied: ``_res`` set by an
+        interrupted completion loop, or a batch whose members have all ended in C (an abandoned
+        batch gets no batch CQE).  Both have nothing left in the kernel."""
+        for op in list(self._registry.values()):
+            if op._res is None and isinstance(op, BatchOperation) and op._out.remaining == 0:
+                op._res = op._out.first_error or op.count
+            if op._res is not None:
+                self._finish(op)
 
     def _finish(self, op: Operation[Any]) -> None:
         """Record the end of ``op`` (its ``_res`` is set) outside the hot loop."""

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <liburing.h>
@@ -101,6 +102,14 @@ typedef struct {
     int32_t res[];       /* n results, SR_RES_PENDING until the member's CQE arrives */
 } sr_batch;
 
+/* Bumped in every forked child.  A ring remembers the generation it was created in; in a child
+   every entry point refuses it (-ECHILD) before touching the queues it shares with the parent,
+   even when the fork happened in the middle of a ring call (from a finaliser, say). */
+static volatile unsigned long sr_fork_generation;
+static pthread_once_t sr_atfork_once = PTHREAD_ONCE_INIT;
+static void sr_after_fork_child(void) { sr_fork_generation++; }
+static void sr_install_atfork(void) { pthread_atfork(NULL, NULL, sr_after_fork_child); }
+
 typedef struct {
     struct io_uring ring;
     uint64_t prepared_ud;
@@ -117,10 +126,21 @@ typedef struct {
     int cq_guard;       /* kernel drops CQEs on overflow (no IORING_FEAT_NODROP, < 5.5) */
     uint64_t n_consumed; /* CQEs taken off the CQ (ours, batch members included) */
     unsigned unacked;    /* CQEs copied out by sr_reap that Python has not taken charge of */
+    unsigned long generation; /* sr_fork_generation when the ring was created */
     uint64_t next_batch_id;
     sr_batch *batches[SR_BATCH_TABLE];
     uint64_t n_prepared;
 } sr_ring;
+
+/* 0 if the ring may be driven from here; -EBADF once torn down, -ECHILD in a forked child. */
+static inline int sr_usable(const sr_ring *r)
+{
+    if (!r->initialized)
+        return -EBADF;
+    if (r->generation != sr_fork_generation)
+        return -ECHILD;
+    return 0;
+}
 
 static inline sr_batch *sr_batch_of(sr_ring *r, uint64_t ud, uint32_t *index)
 {
@@ -141,7 +161,9 @@ static int sr_ring_init(sr_ring *r, unsigned entries, unsigned flags, unsigned s
     struct io_uring_params p;
     int ret;
 
+    pthread_once(&sr_atfork_once, sr_install_atfork);
     memset(r, 0, sizeof(*r));
+    r->generation = sr_fork_generation;
     memset(&p, 0, sizeof(p));
     p.flags = flags;
     p.sq_thread_idle = sq_thread_idle;
@@ -179,7 +201,7 @@ static int sr_probe(sr_ring *r, uint8_t *supported, unsigned n)
     struct io_uring_probe *probe;
     unsigned op, last;
 
-    if (!r->initialized)
+    if (sr_usable(r))
         return -EBADF;
     probe = io_uring_get_probe_ring(&r->ring);
     if (!probe)
@@ -228,8 +250,8 @@ static int sr_submit(sr_ring *r)
 {
     int ret;
 
-    if (!r->initialized)
-        return -EBADF;
+    if ((ret = sr_usable(r)) != 0)
+        return ret;
     ret = io_uring_submit(&r->ring);
     sr_account(r);
     return ret;
@@ -247,8 +269,8 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err, int kind)
     struct io_uring_sqe *sqe;
     int ret;
 
-    if (!r->initialized) {
-        *err = -EBADF; /* the ring was torn down: refuse instead of touching unmapped memory */
+    if ((ret = sr_usable(r)) != 0) {
+        *err = ret; /* torn down, or a forked child: refuse before touching the queues */
         return NULL;
     }
     /* Before 5.5 a full CQ drops completions, and a dropped completion would leave its op (and
@@ -332,8 +354,10 @@ int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n)
 {
     unsigned i, probe;
 
-    if (!r->initialized)
-        return -EBADF;
+    int usable = sr_usable(r);
+
+    if (usable)
+        return usable;
     if (n == 0 || n > SR_BATCH_MAX_MEMBERS)
         return -EINVAL;
     for (probe = 0; probe < SR_BATCH_TABLE; probe++) {
@@ -503,8 +527,8 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
     int ret = 0;
     unsigned n;
 
-    if (!r->initialized)
-        return -EBADF;
+    if ((ret = sr_usable(r)) != 0)
+        return ret;
     /* The CQEs copied out last time are already off the CQ: until Python acknowledges them
        (sets unacked to 0 once it holds them), hand the same ones back rather than overwrite
        them.  A signal handler raising between sr_reap's return and Python's bookkeeping would
