@@ -401,3 +401,35 @@ def test_objects_cannot_be_reinitialised(ring: saferring.Ring) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_rings_and_operations_cannot_be_copied(ring: saferring.Ring) -> None:
+    """A copy would share the registry with its own user_data counter: refused."""
+    import copy
+    import pickle
+
+    op = ring.nop()
+    for obj in (ring, op):
+        with pytest.raises(TypeError):
+            copy.copy(obj)
+        with pytest.raises(TypeError):
+            copy.deepcopy(obj)
+        with pytest.raises(TypeError):
+            pickle.dumps(obj)
+    ring.run(op)
+
+
+def test_bookkeeping_attributes_are_read_only(ring: saferring.Ring) -> None:
+    """user_data and a batch's count feed the registry and C array sizes: not writable."""
+    batch = ring.nop_many(2)
+    with pytest.raises(AttributeError):
+        batch.user_data = 7  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        batch.count = 1 << 28  # type: ignore[misc]
+    assert ring.run(batch) == [0, 0] and batch.count == 2
+
+
+def test_absurd_wait_timeout_means_no_timeout(ring: saferring.Ring) -> None:
+    """A timeout beyond any real wait behaves like none instead of overflowing."""
+    op = ring.nop()
+    assert ring.wait(1, timeout=1e300) == [op]

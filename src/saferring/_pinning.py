@@ -10,7 +10,6 @@ and an ``ffi.new`` cdata owns its C memory.  The ring keeps these objects in the
 from __future__ import annotations
 
 import array
-import io
 import math
 import mmap
 import operator
@@ -42,17 +41,26 @@ def not_readable(obj: Any, exc: Exception) -> TypeError:
 #: BufferError instead).  Others may not: ``ctypes.resize`` reallocates an array under a live
 #: export, which would leave the kernel writing into freed memory.  So only these are accepted,
 #: directly or through (possibly nested) memoryviews of them.
-LOCKING_EXPORTERS = (bytearray, bytes, array.array, mmap.mmap, io.BytesIO)
+LOCKING_EXPORTERS = (bytearray, bytes, array.array, mmap.mmap)
+
+
+_type_mro = type.__dict__["__mro__"].__get__
+_type_dict = type.__dict__["__dict__"].__get__
 
 
 def _locks_memory(obj: Any) -> bool:
     # type(), not isinstance(): isinstance honours a spoofed __class__.  A subclass counts only
-    # if it does not bring its own buffer protocol (Python 3.12's __buffer__), which could hand
-    # out memory of any other object.
+    # if no class between it and the whitelisted base defines its own buffer protocol (Python
+    # 3.12's __buffer__, which could hand out another object's memory).  The MRO and the class
+    # dicts are read through type's own descriptors, so a metaclass cannot disguise them.
     cls = type(obj)
-    for base in LOCKING_EXPORTERS:
-        if issubclass(cls, base):
-            return getattr(cls, "__buffer__", None) is getattr(base, "__buffer__", None)
+    if cls in LOCKING_EXPORTERS:
+        return True
+    for klass in _type_mro(cls):
+        if klass in LOCKING_EXPORTERS:
+            return True
+        if "__buffer__" in _type_dict(klass) or "__release_buffer__" in _type_dict(klass):
+            return False
     return False
 
 

@@ -38,7 +38,7 @@ class Operation(Generic[T]):
 
     # Kept small: one is created per operation, on the hottest path of the library.
     # "_cancel" is deliberately left unset until cancel() is asked for (read with getattr).
-    __slots__ = ("__weakref__", "_cancel", "_pins", "_res", "_ring", "_state", "user_data")
+    __slots__ = ("__weakref__", "_cancel", "_pins", "_res", "_ring", "_state", "_ud")
 
     _cancel: bool  # set (True) by cancel(); unset until then
 
@@ -51,8 +51,21 @@ class Operation(Generic[T]):
     _res: int | None
     _pins: object
     _state: OpState
-    #: The 64-bit tag the kernel echoes back in the CQE; unique for the ring's lifetime.
-    user_data: int
+    _ud: int
+
+    @property
+    def user_data(self) -> int:
+        """The 64-bit tag the kernel echoes back in the CQE; unique for the ring's lifetime."""
+        return self._ud
+
+    def __copy__(self) -> Operation[T]:
+        raise TypeError("operations cannot be copied: each one stands for one kernel request")
+
+    def __deepcopy__(self, memo: object) -> Operation[T]:
+        raise TypeError("operations cannot be copied: each one stands for one kernel request")
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError("operations cannot be pickled or copied")
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         # Re-running __init__ on a live operation would drop its pins under the kernel, so
@@ -317,12 +330,15 @@ class BatchOperation(Operation[list[int]]):
     raw result, negative errno included, without raising.
     """
 
-    __slots__ = ("_out", "count", "member_kind")
+    __slots__ = ("_out", "member_kind")
     kind = "batch"
 
     _out: Any
-    #: How many SQEs the batch is made of.
-    count: int
+
+    @property
+    def count(self) -> int:
+        """How many SQEs the batch is made of (read from the C batch: it sizes the results)."""
+        return int(self._out.n)
     #: What each member does ("nop", "read", "write").
     member_kind: str
 
@@ -367,7 +383,7 @@ def new_operation(cls: type[OpT], ring: Ring, pins: object, user_data: int) -> O
     op._pins = pins
     op._res = None
     op._state = QUEUED
-    op.user_data = user_data
+    op._ud = user_data
     return op
 
 

@@ -161,7 +161,9 @@ def _deadline(timeout: float | None) -> tuple[int, float]:
         return -1, 0.0
     if not timeout >= 0:
         raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-    timeout_ns = min(int(timeout * 1e9), _MAX_WAIT_NS)
+    if timeout * 1e9 >= _MAX_WAIT_NS:
+        return -1, 0.0  # longer than anyone waits: as good as none
+    timeout_ns = int(timeout * 1e9)
     return timeout_ns, time.monotonic() + timeout_ns / 1e9
 
 
@@ -257,6 +259,15 @@ class Ring:
         _live_rings.add(self)
 
     # -- life cycle ------------------------------------------------------------------------
+
+    def __copy__(self) -> Ring:
+        raise TypeError("a Ring cannot be copied: create another Ring")
+
+    def __deepcopy__(self, memo: object) -> Ring:
+        raise TypeError("a Ring cannot be copied: create another Ring")
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError("a Ring cannot be pickled or copied")
 
     def __enter__(self) -> Ring:
         return self
@@ -603,7 +614,6 @@ class Ring:
         self._next_ud = ud + 1
         op = _new_op(BatchOperation, self, (pins, batch), ud)
         op._out = batch
-        op.count = count
         op.member_kind = kind
         c = self._c
         registry = self._registry
@@ -973,7 +983,8 @@ class Ring:
         interrupted completion loop, or a batch whose members have all ended in C (an abandoned
         batch gets no batch CQE).  Both have nothing left in the kernel."""
         for op in list(self._registry.values()):
-            if op._res is None and isinstance(op, BatchOperation) and op._out.remaining == 0:
+            if (op._res is None and isinstance(op, BatchOperation) and op._out.n != 0
+                    and op._out.remaining == 0):  # n == 0: not in C's table yet, not finished
                 op._res = op._out.first_error or op.count
             if op._res is not None:
                 self._finish(op)
@@ -982,8 +993,9 @@ class Ring:
         """Record the end of ``op`` (its ``_res`` is set) outside the hot loop."""
         res = op._res if op._res is not None else 0
         op._state = op._final_state(res) if res < 0 else _COMPLETED
-        self._registry.pop(op.user_data, None)
-        self._cancelled.discard(op.user_data)
+        if self._registry.get(op._ud) is op:
+            del self._registry[op._ud]
+        self._cancelled.discard(op._ud)
         op._pins = None
         self._ready.append(op)
 
