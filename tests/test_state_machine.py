@@ -163,6 +163,6 @@ def test_kernels_without_nodrop_never_overflow_the_cq() -> None:
         ops = []
         for _ in range(200):
             ops.append(ring.nop())
-            assert c.n_prepared - c.n_reaped <= cq
+            assert c.n_prepared - c.n_consumed <= cq
         assert len(ring.wait(len(ops))) == len(ops)
         assert all(op.result() == 0 for op in ops)

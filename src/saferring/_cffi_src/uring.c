@@ -115,7 +115,6 @@ typedef struct {
     uint64_t prepared_ud;
     uint64_t submitted_ud;
     uint64_t n_submitted;
-    uint64_t n_reaped;
     unsigned sq_entries;
     unsigned cq_entries;
     unsigned setup_flags;
@@ -497,7 +496,6 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
         n++;
     }
     io_uring_cq_advance(&r->ring, seen);
-    r->n_reaped += n;
     return n;
 }
 

@@ -89,7 +89,6 @@ typedef struct {
     uint64_t prepared_ud;   /* user_data of the newest SQE placed in the SQ */
     uint64_t submitted_ud;  /* user_data of the newest SQE the kernel has been handed */
     uint64_t n_submitted;   /* SQEs handed to the kernel, all time */
-    uint64_t n_reaped;      /* CQEs taken off the CQ, all time */
     unsigned sq_entries;
     unsigned cq_entries;
     unsigned setup_flags;
