@@ -13,6 +13,12 @@ is SUBMITTED once the kernel has been handed that SQE.  It ends with exactly one
   a blocking read interrupted in an io-wq worker reports that);
 * FAILED: any other negative ``res``.
 
+Multishot requests (``accept(multishot=True)``, ``poll_add(multishot=True)``, multishot timeouts) and
+zero-copy sends post CQEs with ``IORING_CQE_F_MORE`` before their final one.  Each such CQE leaves
+the operation SUBMITTED and hands it a value (see ``MultishotOperation.take``); only the final CQE
+ends it and releases its pins.  A zero-copy send's final CQE is the notification that the kernel no
+longer reads the buffer, which comes after the CQE that reports the bytes sent.
+
 Terminal states are sticky: nothing leaves them, and ``result()`` answers the same way every time.
 
 Rules that follow from the kernel, not from taste:
@@ -53,6 +59,7 @@ class Event(enum.Enum):
     CQE_OK = "cqe ok"  # final CQE, success
     CQE_ERROR = "cqe error"  # final CQE, failure
     CQE_CANCELLED = "cqe cancelled"  # final CQE, -ECANCELED (or -EINTR once cancel was asked)
+    CQE_MORE = "cqe more"  # a CQE with IORING_CQE_F_MORE: a result, and more CQEs to come
 
 
 QUEUED, SUBMITTED = OpState.QUEUED, OpState.SUBMITTED
@@ -63,6 +70,9 @@ COMPLETED, FAILED, CANCELLED = OpState.COMPLETED, OpState.FAILED, OpState.CANCEL
 TRANSITIONS: dict[tuple[OpState, Event], OpState] = {
     (QUEUED, Event.SUBMIT): SUBMITTED,
     (SUBMITTED, Event.SUBMIT): SUBMITTED,  # a later submit() covers it again: no change
+    # Multishot and zero-copy requests: each non-final CQE carries a result (a connection, a
+    # poll event, the byte count of a zero-copy send) and the request stays in flight, pins and all.
+    (SUBMITTED, Event.CQE_MORE): SUBMITTED,
     (SUBMITTED, Event.CQE_OK): COMPLETED,
     (SUBMITTED, Event.CQE_ERROR): FAILED,
     (SUBMITTED, Event.CQE_CANCELLED): CANCELLED,

@@ -164,3 +164,20 @@ def supported_table(supported: bytes | None, size: int = 256) -> bytearray:
     else:
         table[: len(supported)] = supported
     return table
+
+
+def kernel_release() -> tuple[int, int]:
+    """(major, minor) of the running kernel, from ``uname`` (0, 0 if unreadable).
+
+    Only for features the probe cannot see (flags and sub-commands of an opcode it reports,
+    such as socket commands or multishot timeouts).
+    """
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def kernel_at_least(major: int, minor: int) -> bool:
+    """True if the running kernel is ``major.minor`` or newer (see :func:`kernel_release`)."""
+    return kernel_release() >= (major, minor)

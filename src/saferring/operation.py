@@ -13,6 +13,7 @@ because it is the hottest loop in the library.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import os
@@ -23,9 +24,18 @@ from ._state import ALLOWED, CANCELLED, COMPLETED, FAILED, QUEUED, SUBMITTED, Ac
 from .errors import OperationStateError, cancelled_error, os_error
 
 if TYPE_CHECKING:
+    from .fixed import FixedFile
     from .ring import Ring
 
 T = TypeVar("T")
+
+#: user_data tag of operations that receive several CQEs (read with their flags; see uring.c).
+UD_FLAGGED = 1 << 61
+#: user_data tag of values posted to a ring with ``msg_ring``.
+UD_MESSAGE = 1 << 62
+#: The counter part of a user_data (without tags).
+SEQUENCE_MASK = UD_FLAGGED - 1
+_F_MORE = 1 << 1
 
 
 class Operation(Generic[T]):
@@ -93,13 +103,20 @@ class Operation(Generic[T]):
     def _filename(self) -> Any:
         return None
 
+    def _filename2(self) -> Any:
+        return None
+
+    def _settle(self) -> None:
+        """Called once the final CQE is recorded in ``_res``, before the state is derived from
+        it (operations with several CQEs adjust ``_res`` here).  Only on the flagged path."""
+
     # -- public ----------------------------------------------------------------------------
 
     @property
     def state(self) -> OpState:
         """The operation's :class:`~saferring.OpState`."""
         state = self._state
-        if state is QUEUED and self.user_data <= self._ring._submitted_watermark():
+        if state is QUEUED and self._ud & SEQUENCE_MASK <= self._ring._submitted_watermark():
             self._state = state = SUBMITTED
         return state
 
@@ -133,6 +150,9 @@ class Operation(Generic[T]):
         filename = self._filename()
         if filename is not None:
             # Like os.open's errors: the plain strerror, with the path as ``filename``.
+            filename2 = self._filename2()
+            if filename2 is not None:
+                raise OSError(code, os.strerror(code), filename, None, filename2)
             raise OSError(code, os.strerror(code), filename)
         raise os_error(code, self._what())
 
@@ -205,25 +225,20 @@ class CloseOperation(IntOperation):
     kind = "close"
 
 
-class OpenOperation(IntOperation):
-    """``openat``: the result is the new file descriptor, which the caller then owns.
+class FdOperation(IntOperation):
+    """An operation whose result is a new file descriptor, which the caller then owns.
 
-    If the operation is garbage-collected with a successfully opened descriptor that nobody
-    asked for through :meth:`result`, that descriptor is closed, so an abandoned open (for
-    example one whose cancel lost the race) does not leak it.
+    If the operation is garbage-collected with a successfully created descriptor that nobody
+    asked for through :meth:`result`, that descriptor is closed, so an abandoned request (one
+    whose cancel lost the race, say) does not leak it.
     """
 
-    __slots__ = ("_claimed", "_path")
-    kind = "openat"
-    _path: Any
+    __slots__ = ("_claimed",)
     _claimed: bool
 
     def _value(self, res: int) -> int:
         self._claimed = True
         return res
-
-    def _filename(self) -> Any:
-        return self._path
 
     def __del__(self) -> None:
         if self._state is COMPLETED and not getattr(self, "_claimed", False) and self._res is not None:
@@ -231,6 +246,382 @@ class OpenOperation(IntOperation):
                 os.close(self._res)
             except OSError:
                 pass
+
+
+class OpenOperation(FdOperation):
+    """``openat``/``openat2``: the result is the new file descriptor (closed if never claimed)."""
+
+    __slots__ = ("_path",)
+    kind = "openat"
+    _path: Any
+
+    def _filename(self) -> Any:
+        return self._path
+
+
+class SocketOperation(FdOperation):
+    """``socket``: the result is the new socket's descriptor (closed if never claimed)."""
+
+    __slots__ = ()
+    kind = "socket"
+
+
+class FixedFdInstallOperation(FdOperation):
+    """``fixed_fd_install``: the result is a regular descriptor for a registered file."""
+
+    __slots__ = ()
+    kind = "fixed_fd_install"
+
+
+class AcceptOperation(Operation[tuple[int, Any]]):
+    """``accept``: the result is ``(fd, address)`` like :meth:`socket.socket.accept` (but a raw
+    descriptor, not a socket object).  The descriptor is closed if never claimed."""
+
+    __slots__ = ("_addr", "_addrlen", "_claimed")
+    kind = "accept"
+    _addr: Any
+    _addrlen: Any
+    _claimed: bool
+
+    def _value(self, res: int) -> tuple[int, Any]:
+        from ._sockaddr import decode
+
+        self._claimed = True
+        return res, decode(bytes(ffi.buffer(self._addr, min(int(self._addrlen[0]), len(self._addr)))))
+
+    def __del__(self) -> None:
+        if self._state is COMPLETED and not getattr(self, "_claimed", False) and self._res is not None:
+            try:
+                os.close(self._res)
+            except OSError:
+                pass
+
+
+class PathOperation(IntOperation):
+    """A filesystem operation on paths (``unlinkat``, ``renameat``, ``mkdirat``...): the result is
+    0, errors carry the path(s) as ``filename``/``filename2`` like the ``os`` module's."""
+
+    __slots__ = ("_path", "_path2")
+    _path: Any
+    _path2: Any
+
+    def _filename(self) -> Any:
+        return self._path
+
+    def _filename2(self) -> Any:
+        return self._path2
+
+
+class XattrOperation(Operation[bytes]):
+    """``getxattr``/``fgetxattr``: the result is the attribute's value."""
+
+    __slots__ = ("_out", "_path")
+    kind = "getxattr"
+    _out: Any
+    _path: Any
+
+    def _filename(self) -> Any:
+        return self._path
+
+    def _value(self, res: int) -> bytes:
+        return bytes(ffi.buffer(self._out, res))
+
+
+class DirectOperation(Operation["FixedFile"]):
+    """A ``*_direct`` request (``openat_direct``, ``accept_direct``, ``socket_direct``): the new
+    file goes into the ring's registered file table; the result is its :class:`FixedFile`."""
+
+    __slots__ = ("_path", "_slot")
+    kind = "direct"
+    _path: Any
+    _slot: int  # the requested slot, or -1: the kernel picks one and returns it
+
+    def _filename(self) -> Any:
+        return getattr(self, "_path", None)
+
+    def _value(self, res: int) -> FixedFile:
+        slot = res if self._slot < 0 else self._slot
+        return self._ring._fixed_handle(slot)
+
+
+class CancelOperation(IntOperation):
+    """An ``ASYNC_CANCEL`` (or ``TIMEOUT_REMOVE``/``POLL_REMOVE``) request made by the caller.
+
+    The result is how many requests it found: 1 (or, with ``all=True``, the count) when it found
+    and cancelled them, 0 when it found nothing (``-ENOENT``: they had already completed, or never
+    existed).  ``already_running`` is True when the kernel answered ``-EALREADY``: the target was
+    running and could only be signalled, so it may still complete normally.  Either way each
+    target ends with its own final CQE, which is what releases its buffers.
+    """
+
+    __slots__ = ()
+    kind = "async_cancel"
+    _ok_errnos = frozenset({errno.ENOENT, errno.EALREADY})
+
+    @property
+    def already_running(self) -> bool:
+        """True if the kernel reported ``-EALREADY`` (the target was already executing)."""
+        return self._res == -errno.EALREADY
+
+    def _value(self, res: int) -> int:
+        if res == -errno.ENOENT:
+            return 0
+        if res == -errno.EALREADY:
+            return 1
+        return res if res > 0 else 1
+
+
+class PollOperation(IntOperation):
+    """``poll_add``: the result is the mask of ready events."""
+
+    __slots__ = ()
+    kind = "poll_add"
+
+
+class TimeoutRemoveOperation(CancelOperation):
+    """``timeout_remove``/``timeout_update``: the result is 1 if the timeout was found, else 0."""
+
+    __slots__ = ()
+    kind = "timeout_remove"
+
+
+class PollRemoveOperation(CancelOperation):
+    """``poll_remove``/``poll_update``: the result is 1 if the poll was found, else 0."""
+
+    __slots__ = ()
+    kind = "poll_remove"
+
+
+class LinkTimeoutOperation(Operation[bool]):
+    """``link_timeout``: the result is True if the timeout fired (the linked operation was
+    cancelled), False if the linked operation finished first."""
+
+    __slots__ = ()
+    kind = "link_timeout"
+    _ok_errnos = frozenset({errno.ETIME, errno.ECANCELED})
+
+    def _value(self, res: int) -> bool:
+        return res == -errno.ETIME
+
+
+class SendZcOperation(IntOperation):
+    """A zero-copy send (``send_zc``/``sendmsg_zc``): the result is the number of bytes sent.
+
+    The kernel posts two CQEs: the send's result (with ``IORING_CQE_F_MORE``), then a
+    notification once the network stack no longer reads the buffer.  The operation ends, and
+    releases the buffer, only with the notification.
+    """
+
+    __slots__ = ("_sent",)
+    kind = "send_zc"
+    _sent: int | None
+
+    def _more(self, res: int, flags: int) -> None:
+        self._sent = res
+
+    def _settle(self) -> None:
+        sent = getattr(self, "_sent", None)
+        if sent is not None:
+            self._res = sent  # the notification's own res is 0: the send's result is the outcome
+
+
+@dataclasses.dataclass(frozen=True)
+class RecvmsgResult:
+    """What ``recvmsg`` returned: like :meth:`socket.socket.recvmsg_into`'s tuple, by name."""
+
+    nbytes: int
+    ancdata: list[tuple[int, int, bytes]]
+    msg_flags: int
+    address: Any
+
+
+class RecvmsgOperation(Operation[RecvmsgResult]):
+    """``recvmsg``: the result is a :class:`RecvmsgResult`."""
+
+    __slots__ = ("_msg",)
+    kind = "recvmsg"
+    _msg: Any
+
+    def _value(self, res: int) -> RecvmsgResult:
+        from ._sockaddr import decode, decode_cmsgs
+
+        msg = self._msg
+        address = None
+        if msg.msg_name != ffi.NULL and msg.msg_namelen:
+            address = decode(bytes(ffi.buffer(ffi.cast("char *", msg.msg_name), int(msg.msg_namelen))))
+        anc: list[tuple[int, int, bytes]] = []
+        if msg.msg_control != ffi.NULL and msg.msg_controllen:
+            anc = decode_cmsgs(bytes(ffi.buffer(ffi.cast("char *", msg.msg_control),
+                                                int(msg.msg_controllen))))
+        return RecvmsgResult(res, anc, int(msg.msg_flags), address)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitidResult:
+    """What ``waitid`` reported, with the names of :func:`os.waitid`'s result."""
+
+    si_pid: int
+    si_uid: int
+    si_signo: int
+    si_status: int
+    si_code: int
+
+
+class WaitidOperation(Operation[WaitidResult]):
+    """``waitid``: the result is a :class:`WaitidResult`."""
+
+    __slots__ = ("_out",)
+    kind = "waitid"
+    _out: Any
+
+    def _value(self, res: int) -> WaitidResult:
+        fields = ffi.new("int[5]")
+        lib.sr_read_siginfo(self._out, fields)
+        signo, code, pid, uid, status = list(fields)
+        return WaitidResult(si_pid=pid, si_uid=uid, si_signo=signo, si_status=status, si_code=code)
+
+
+class SockoptOperation(Operation[Any]):
+    """A socket command (``getsockopt``, ``setsockopt``, ``siocinq``, ``siocoutq``)."""
+
+    __slots__ = ("_out",)
+    kind = "uring_cmd"
+    _out: Any
+
+    def _value(self, res: int) -> Any:
+        out = getattr(self, "_out", None)
+        if out is None:
+            return res  # setsockopt: 0; SIOCINQ/SIOCOUTQ: the byte count
+        return bytes(ffi.buffer(out, res))
+
+
+class ReceivedMessage(Operation[int]):
+    """A value another ring posted to this one with :meth:`~saferring.Ring.msg_ring`.
+
+    It appears among the operations :meth:`~saferring.Ring.wait` returns, already COMPLETED:
+    ``value`` is the 61-bit value the sender chose, ``result()`` the 32-bit ``res`` it sent.
+    """
+
+    __slots__ = ()
+    kind = "message"
+
+    @property
+    def value(self) -> int:
+        """The value the sender passed as ``value``."""
+        return self._ud & SEQUENCE_MASK
+
+
+V = TypeVar("V")
+
+
+class MultishotOperation(Operation[list[V]]):
+    """A request that keeps producing results until it ends (multishot accept, poll, timeout).
+
+    Each result arrives in its own CQE while the operation stays SUBMITTED; :meth:`take` returns
+    (and forgets) the values that arrived since the last call.  ``Ring.wait()`` returns the
+    operation whenever new values arrived.  The operation ends with a final CQE: after a
+    cancel (CANCELLED), an error (FAILED: the kernel could not keep it armed, e.g. it ran out of
+    resources), or normally (COMPLETED; a multishot timeout with a count does that).
+    ``result()`` then returns the values not yet taken, or raises the error that ended it (the
+    values stay available through :meth:`take`).
+    """
+
+    __slots__ = ("_items", "_last_added")
+    _items: collections.deque[int]
+
+    def _more(self, res: int, flags: int) -> None:
+        try:
+            items = self._items
+        except AttributeError:
+            items = self._items = collections.deque()
+        items.append(res)
+
+    def _settle(self) -> None:
+        # A final CQE can still carry a result (the kernel could not re-arm after it).
+        res = self._res
+        if res is not None and res >= 0 and not getattr(self, "_last_added", False):
+            self._last_added = True
+            if self._final_counts(res):
+                self._more(res, 0)
+
+    def _final_counts(self, res: int) -> bool:
+        return True
+
+    def _convert(self, res: int) -> V:
+        return res  # type: ignore[return-value]
+
+    def take(self) -> list[V]:
+        """The values that arrived since the last call (oldest first), and forget them."""
+        items = getattr(self, "_items", None)
+        if not items:
+            return []
+        out = [self._convert(items.popleft()) for _ in range(len(items))]
+        return out
+
+    def pending(self) -> int:
+        """How many values are waiting to be taken."""
+        return len(getattr(self, "_items", ()))
+
+    def _value(self, res: int) -> list[V]:
+        return self.take()
+
+
+class PollMultishotOperation(MultishotOperation[int]):
+    """Multishot ``poll_add``: each value is the mask of events that became ready."""
+
+    __slots__ = ()
+    kind = "poll_add"
+
+
+class TimeoutMultishotOperation(MultishotOperation[None]):
+    """Multishot timeout: one value (``None``) per expiry."""
+
+    __slots__ = ()
+    kind = "timeout"
+    _ok_errnos = frozenset({errno.ETIME})
+
+    def _more(self, res: int, flags: int) -> None:
+        super()._more(0, flags)
+
+    def _final_counts(self, res: int) -> bool:
+        return True
+
+    def _settle(self) -> None:
+        # The last expiry of a counted multishot timeout ends it with -ETIME.
+        if self._res == -errno.ETIME and not getattr(self, "_last_added", False):
+            self._last_added = True
+            self._more(0, 0)
+            self._res = 0
+
+    def _convert(self, res: int) -> None:
+        return None
+
+
+class AcceptMultishotOperation(MultishotOperation[int]):
+    """Multishot ``accept``: each value is a new connection's descriptor (yours to close).
+
+    Descriptors that were never taken are closed when the operation is garbage-collected.
+    """
+
+    __slots__ = ()
+    kind = "accept"
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_items", ()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class AcceptDirectMultishotOperation(MultishotOperation["FixedFile"]):
+    """Multishot ``accept_direct``: each value is a new connection's :class:`FixedFile`."""
+
+    __slots__ = ()
+    kind = "accept"
+
+    def _convert(self, res: int) -> FixedFile:
+        return self._ring._fixed_handle(res)
 
 
 class TimeoutOperation(Operation[None]):
@@ -371,7 +762,7 @@ _object_new = object.__new__
 OpT = TypeVar("OpT", bound=Operation[Any])
 
 
-def new_operation(cls: type[OpT], ring: Ring, pins: object, user_data: int) -> OpT:
+def new_operation(cls: type[OpT], ring: Any, pins: object, user_data: int) -> OpT:
     """Build an operation (the only way: ``__init__`` refuses, so a live one cannot be reset).
 
     The statx buffer of a StatxOperation and the sr_batch struct of a BatchOperation are kept

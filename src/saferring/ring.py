@@ -37,19 +37,22 @@ from __future__ import annotations
 import array
 import atexit
 import errno
-import functools
 import math
 import os
 import sys
-import threading
 import time
 import weakref
-from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple
 
 from . import _pinning
 from ._binding import LIBURING_VERSION, UNAVAILABLE_REASON, ffi, lib
+from ._chain import Chain
+from ._event_ops import EventOps
+from ._file_ops import FileOps
+from ._guard import _BUSY, _NO_OWNER, _exclusive, _get_ident
+from ._net_ops import NetOps
+from ._registration import Registration
 from ._state import CANCELLED as _CANCELLED
 from ._state import COMPLETED as _COMPLETED
 from ._state import FAILED as _FAILED
@@ -63,6 +66,9 @@ from .errors import (
     os_error,
 )
 from .features import OP, Features, build_features, opcode_name, since, supported_table
+from .fixed import FileTable, FixedFile
+from .operation import UD_FLAGGED as _UD_FLAGGED
+from .operation import UD_MESSAGE as _UD_MESSAGE
 from .operation import (
     BatchOperation,
     CancelRequest,
@@ -73,21 +79,19 @@ from .operation import (
     Operation,
     ReadOperation,
     ReadvOperation,
+    ReceivedMessage,
     StatxOperation,
     StatxResult,
-    TimeoutOperation,
     WriteOperation,
     WritevOperation,
 )
 from .operation import new_operation as _new_op
 
-_get_ident = threading.get_ident
 _unpack: Any = ffi.unpack if ffi is not None else None
 _from_buffer: Any = ffi.from_buffer if ffi is not None else None
 _MAX_LEN = _pinning.MAX_LEN
 _MAX_BATCH = lib.SR_BATCH_MAX_MEMBERS if lib is not None else 0
 _M64 = (1 << 64) - 1
-_NO_OWNER = -1  # _owner of a ring that is closed or belongs to a parent process
 _RETRYABLE = frozenset({errno.EBUSY, errno.EAGAIN, errno.EINTR, errno.ETIME})
 _MAX_ENTRIES = 32768  # IORING_MAX_ENTRIES
 _MAX_CQ_ENTRIES = 2 * _MAX_ENTRIES  # IORING_MAX_CQ_ENTRIES
@@ -106,41 +110,25 @@ _graveyard: list[Ring] = []
 _EEXIST_MESSAGE = (
     "the kernel refuses this thread (EEXIST): the ring was created with single_issuer or "
     "defer_taskrun by another thread, and only that thread may submit to it")
-_BUSY = -2  # _owner while a call is running on the ring: re-entry is refused
 _BATCH_TABLE = 4096  # SR_BATCH_TABLE in uring.c
 _NEG_ECANCELED = -errno.ECANCELED
 _NEG_EINTR = -errno.EINTR
+_F_MORE = 1 << 1  # IORING_CQE_F_MORE
+
+
+def _addr(cdata: Any) -> int:
+    """The address of a pinned C object, for an SQE field."""
+    return int(ffi.cast("uintptr_t", cdata))
 _MAX_OFFSET = (1 << 63) - 1
 _MIN_FD, _MAX_FD = -(1 << 31), (1 << 31) - 1
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _exclusive(method: Callable[Concatenate[Ring, P], R]) -> Callable[Concatenate[Ring, P], R]:
-    """Run a Ring method only on the owner thread, and mark the ring busy while it runs.
-
-    Marking it busy is what refuses re-entry: user code can run in the middle of a call (an
-    iterator being consumed, ``__index__`` of an argument, a finaliser run by the garbage
-    collector, a pin's ``__del__`` when the kernel is done with it, a signal handler), and such
-    code must not close or drive the ring underneath the call.
-    """
-
-    def exclusive(self: Ring, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        if _get_ident() != self._owner:
-            self._refuse()
-        self._owner = _BUSY
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
-
-    functools.update_wrapper(exclusive, method)
-    return exclusive
 
 
 def _enter_error(code: int, what: str) -> Exception:
     """The exception for a failed C entry point: the fork and thread refusals get their own."""
+    if code == errno.EINPROGRESS:
+        return OperationStateError("a chain is open (with ring.chain(): ...): nothing can be "
+                                   "submitted, waited for or cancelled until it is closed")
     if code == errno.ECHILD:
         return ForkedRingError("this Ring belongs to the parent process (the process forked "
                                "during the call); a forked child must not use it")
@@ -183,7 +171,7 @@ class RingStats(NamedTuple):
     """CQEs reaped since the ring was created."""
 
 
-class Ring:
+class Ring(FileOps, NetOps, EventOps, Registration):
     """A safe io_uring instance.
 
     ``entries`` is the submission queue size (rounded up to a power of two by the kernel); the
@@ -199,9 +187,9 @@ class Ring:
     ``stats()``, ``features`` and ``closed`` may be read from any thread.
     """
 
-    __slots__ = ("__weakref__", "_backlog", "_c", "_cancelled", "_closed", "_cq_flags",
-                 "_cq_res", "_cq_size", "_cq_ud", "_features", "_forked", "_internal",
-                 "_next_ud", "_owner", "_owner_ident", "_ready", "_registry", "_sup")
+    __slots__ = ("__weakref__", "_backlog", "_backlog_flagged", "_c", "_cancelled", "_closed",
+                 "_cq_flags", "_cq_res", "_cq_size", "_cq_ud", "_features", "_forked",
+                 "_internal", "_next_ud", "_owner", "_owner_ident", "_ready", "_registry", "_sup")
 
     def __init__(
         self,
@@ -226,6 +214,9 @@ class Ring:
         self._ready: list[Operation[Any]] = []
         self._cancelled: set[int] = set()
         self._backlog: Any = None
+        self._backlog_flagged = False
+        self._chain: Chain | None = None
+        self._files: FileTable | None = None
         if lib is None:
             raise UnsupportedPlatformError(f"saferring cannot create a Ring: {UNAVAILABLE_REASON}")
 
@@ -311,6 +302,7 @@ class Ring:
             self._refuse()
         self._owner = _BUSY
         try:
+            self._abandon_chain()
             self._drain()
             self._teardown()
         except BaseException:
@@ -353,6 +345,15 @@ class Ring:
             if registry:
                 self._reap(1, 100_000_000)
 
+    def _abandon_chain(self) -> None:
+        """Close a chain left open (the ring is being closed inside ``with ring.chain()``):
+        what was queued in it runs as a complete chain, and is then drained like the rest."""
+        chain = self._chain
+        if chain is not None:
+            self._chain = None
+            chain._closed_by_ring()
+            lib.sr_chain_end(self._c)
+
     def _drop_forked_copy(self) -> None:
         # The child's copy of the ring: unmapping it and closing the child's fd touches nothing
         # the parent's kernel requests use.  The pins are copy-on-write copies: safe to drop.
@@ -380,6 +381,7 @@ class Ring:
             else:
                 # Nobody else can be inside the ring now: the finaliser may drain it from
                 # whatever thread the garbage collector runs in.
+                self._abandon_chain()
                 self._drain()
                 self._teardown()
         except BaseException:  # noqa: BLE001 - any failure: never free what the kernel may use
@@ -476,6 +478,53 @@ class Ring:
             raise self._unregister_if_unprepared(ud, exc) from None
         return op
 
+    def _queue_ext(self, op: Any, opcode: int, fd: int = -1, addr: int = 0, length: int = 0,
+                   off: int = 0, op_flags: int = 0, sqe_flags: int = 0, ioprio: int = 0,
+                   buf_index: int = 0, file_index: int = 0, addr3: int = 0) -> Any:
+        """Register ``op`` and write its SQE with every field given (addresses as ints, which
+        the caller keeps alive through the operation's pins)."""
+        ud = op._ud
+        self._registry[ud] = op
+        try:
+            args = (self._c, ud, opcode, fd, addr, length, off & _M64, op_flags, sqe_flags,
+                    ioprio, buf_index, file_index, addr3, 0)
+            rc = lib.sr_prep_ext(*args)
+            if rc < 0:
+                self._prep_retry(ud, rc, lib.sr_prep_ext, *args)
+        except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+            raise self._unregister_if_unprepared(ud, exc) from None
+        return op
+
+    def _take_flagged_ud(self) -> int:
+        """A user_data for an operation with several CQEs (multishot, zero-copy)."""
+        ud = self._next_ud
+        self._next_ud = ud + 1
+        return ud | _UD_FLAGGED
+
+    def _fd(self, fd: Any) -> tuple[int, int]:
+        """(descriptor or slot, SQE flags) for an ``fd`` argument: an int, a :class:`FixedFile`
+        (``IOSQE_FIXED_FILE``), or an object with ``fileno()`` (a socket, a file)."""
+        if type(fd) is int:
+            return fd, 0
+        if isinstance(fd, FixedFile):
+            return fd._check(self), lib.IOSQE_FIXED_FILE
+        if isinstance(fd, bool):
+            raise TypeError("fd must be an int, a FixedFile or an object with fileno(), got bool")
+        fileno = getattr(fd, "fileno", None)
+        if fileno is not None and not isinstance(fd, int):
+            fd = fileno()
+        fd = _pinning.index(fd, "fd")
+        if not _MIN_FD <= fd <= _MAX_FD:
+            raise ValueError(f"fd must fit a 32-bit int, got {fd}")
+        return fd, 0
+
+    def _fixed_handle(self, slot: int) -> FixedFile:
+        """A handle for a slot the kernel just filled (a ``*_direct`` result)."""
+        table = self._files
+        if table is None or not 0 <= slot < len(table.generations):
+            return FixedFile._make(self, FileTable(slot + 1), slot)  # stale from birth
+        return FixedFile._make(self, table, slot)
+
     def _make_room(self) -> None:
         """Reap whatever has completed (waiting briefly if anything is in flight), so that a
         full SQ or a kernel holding back (CQ backlog, the pre-5.5 CQ guard) can take more."""
@@ -492,6 +541,12 @@ class Ring:
                 return
         self._registry.pop(ud, None)
         self._internal.pop(ud, None)
+        if rc == -errno.ENOSPC and self._chain is not None:
+            raise ValueError(f"the chain does not fit in the submission queue "
+                             f"({int(self._c.sq_entries)} entries, or the completion queue's "
+                             "limit): create the Ring with more entries")
+        if rc == -errno.EINPROGRESS:
+            raise _enter_error(-rc, "")
         raise _enter_error(-rc, "no submission queue entry could be obtained")
 
     def nop(self) -> NopOperation:
@@ -543,15 +598,18 @@ class Ring:
             n = len(pin)
             if n > _MAX_LEN:
                 _pinning.check_len(n)
+            sqe_flags = 0
+            if type(fd) is not int:
+                fd, sqe_flags = self._fd(fd)
             ud = self._next_ud
             self._next_ud = ud + 1
             op = _new_op(ReadOperation, self, pin, ud)
             self._registry[ud] = op
             try:
-                rc = lib.sr_prep(self._c, ud, _OP_READ, fd, pin, n, offset, 0, 0)
+                rc = lib.sr_prep(self._c, ud, _OP_READ, fd, pin, n, offset, 0, sqe_flags)
                 if rc < 0:
                     self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, _OP_READ, fd, pin, n,
-                                     offset, 0, 0)
+                                     offset, 0, sqe_flags)
             except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
                 raise self._unregister_if_unprepared(ud, exc) from None
             return op
@@ -581,15 +639,18 @@ class Ring:
             n = len(pin)
             if n > _MAX_LEN:
                 _pinning.check_len(n)
+            sqe_flags = 0
+            if type(fd) is not int:
+                fd, sqe_flags = self._fd(fd)
             ud = self._next_ud
             self._next_ud = ud + 1
             op = _new_op(WriteOperation, self, pin, ud)
             self._registry[ud] = op
             try:
-                rc = lib.sr_prep(self._c, ud, _OP_WRITE, fd, pin, n, offset, 0, 0)
+                rc = lib.sr_prep(self._c, ud, _OP_WRITE, fd, pin, n, offset, 0, sqe_flags)
                 if rc < 0:
                     self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, _OP_WRITE, fd, pin, n,
-                                     offset, 0, 0)
+                                     offset, 0, sqe_flags)
             except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
                 raise self._unregister_if_unprepared(ud, exc) from None
             return op
@@ -746,26 +807,32 @@ class Ring:
         """Queue a vectored read into a sequence of writable buffers (filled in order)."""
         self._require(_OP_READV)
         _check_offset(offset)
+        fd, sqe_flags = self._fd(fd)
         vec, pins = _pinning.iovecs(buffers, _pinning.writable)
         op = _new_op(ReadvOperation, self, (vec, pins), self._take_ud())
-        return self._queue(op, _OP_READV, fd, vec, len(pins), offset, 0)  # type: ignore[no-any-return]
+        return self._queue_ext(op, _OP_READV, fd, _addr(vec), len(pins), offset,  # type: ignore[no-any-return]
+                               sqe_flags=sqe_flags)
 
     @_exclusive
     def writev(self, fd: int, buffers: Any, offset: int = -1) -> WritevOperation:
         """Queue a vectored write of a sequence of bytes-like objects (written in order)."""
         self._require(_OP_WRITEV)
         _check_offset(offset)
+        fd, sqe_flags = self._fd(fd)
         vec, pins = _pinning.iovecs(buffers, _pinning.readable)
         op = _new_op(WritevOperation, self, (vec, pins), self._take_ud())
-        return self._queue(op, _OP_WRITEV, fd, vec, len(pins), offset, 0)  # type: ignore[no-any-return]
+        return self._queue_ext(op, _OP_WRITEV, fd, _addr(vec), len(pins), offset,  # type: ignore[no-any-return]
+                               sqe_flags=sqe_flags)
 
     @_exclusive
     def fsync(self, fd: int, *, datasync: bool = False) -> FsyncOperation:
         """Queue an ``fsync`` (or ``fdatasync`` with ``datasync=True``) of ``fd``."""
         self._require(_OP_FSYNC)
         flags = lib.IORING_FSYNC_DATASYNC if datasync else 0
+        fd, sqe_flags = self._fd(fd)
         op = _new_op(FsyncOperation, self, None, self._take_ud())
-        return self._queue(op, _OP_FSYNC, fd, ffi.NULL, 0, 0, flags)  # type: ignore[no-any-return]
+        return self._queue_ext(op, _OP_FSYNC, fd, op_flags=flags,  # type: ignore[no-any-return]
+                               sqe_flags=sqe_flags)
 
     @_exclusive
     def openat(self, path: Any, flags: int = os.O_RDONLY, mode: int = 0o644, *,
@@ -786,8 +853,11 @@ class Ring:
 
     @_exclusive
     def close_fd(self, fd: int) -> CloseOperation:
-        """Queue a ``close`` of ``fd``."""
+        """Queue a ``close`` of ``fd`` (for a registered file, see :meth:`close_direct`)."""
         self._require(_OP_CLOSE)
+        if isinstance(fd, FixedFile):
+            raise TypeError("close_fd() closes a descriptor; use close_direct() for a FixedFile")
+        fd, _ = self._fd(fd)
         op = _new_op(CloseOperation, self, None, self._take_ud())
         return self._queue(op, _OP_CLOSE, fd, ffi.NULL, 0, 0, 0)  # type: ignore[no-any-return]
 
@@ -816,14 +886,6 @@ class Ring:
         addr = int(ffi.cast("uintptr_t", out))
         return self._queue(op, _OP_STATX, dfd, cpath, mask, addr, flags)  # type: ignore[no-any-return]
 
-    @_exclusive
-    def timeout(self, seconds: float) -> TimeoutOperation:
-        """Queue a timeout that completes (result ``None``) once ``seconds`` have passed."""
-        self._require(_OP_TIMEOUT)
-        ts = _pinning.timespec(seconds)
-        op = _new_op(TimeoutOperation, self, ts, self._take_ud())
-        return self._queue(op, _OP_TIMEOUT, -1, ts, 1, 0, 0)  # type: ignore[no-any-return]
-
     # -- cancellation ------------------------------------------------------------------------
 
     @_exclusive
@@ -837,6 +899,8 @@ class Ring:
             raise OperationStateError(f"cancel() was already requested for {op._what()}")
         if op.user_data not in self._registry:
             raise OperationStateError(f"{op._what()} was never submitted on this ring")
+        if self._chain is not None:
+            raise _enter_error(errno.EINPROGRESS, "")
         self._require(_OP_CANCEL)
         op._cancel = True
         self._cancelled.add(op.user_data)
@@ -887,14 +951,18 @@ class Ring:
         Returns once at least ``min_complete`` operations have finished since the last call
         (those already reaped by :meth:`run` or ``submit()`` count), or when ``timeout``
         seconds have passed (then possibly fewer, maybe none).  ``min_complete=0`` only
-        collects what is already done.  Asking for more than could ever complete raises
-        ``ValueError`` instead of blocking forever.
+        collects what is already done.  Without a timeout, asking for more than could ever
+        complete raises ``ValueError`` instead of blocking forever.
+
+        The list also holds multishot operations that produced new values (they count towards
+        ``min_complete``; see :meth:`MultishotOperation.take`) and :class:`ReceivedMessage`
+        entries for values other rings sent with :meth:`msg_ring`.
         """
         if type(min_complete) is not int:
             min_complete = _pinning.index(min_complete, "min_complete")
         if min_complete < 0:
             raise ValueError(f"min_complete must be >= 0, got {min_complete}")
-        if min_complete > len(self._ready) + len(self._registry):
+        if timeout is None and min_complete > len(self._ready) + len(self._registry):
             raise ValueError(
                 f"wait(min_complete={min_complete}) could never return: only "
                 f"{len(self._registry)} operations are in flight and {len(self._ready)} finished"
@@ -955,18 +1023,60 @@ class Ring:
         if self._backlog is not None:
             self._recover()
             return 1
-        n = lib.sr_reap(self._c, wait_nr, timeout_ns, self._cq_size, self._cq_ud, self._cq_res,
+        c = self._c
+        n = lib.sr_reap(c, wait_nr, timeout_ns, self._cq_size, self._cq_ud, self._cq_res,
                         self._cq_flags)
         if n > 0:
+            if c.n_flagged:
+                return self._reap_flagged(n)
             items = zip(_unpack(self._cq_ud, n), _unpack(self._cq_res, n))  # noqa: B905
             # Two stores, no call between them: from here on Python holds these CQEs.
             self._backlog = items
-            self._c.unacked = 0
+            c.unacked = 0
             self._consume(items)
             return int(n)
         if n < 0 and -n not in _RETRYABLE:
             raise _enter_error(-n, "io_uring_enter")
         return 0
+
+    def _reap_flagged(self, n: int) -> int:
+        """The slow path of ``_reap``: the copied CQEs include some of operations that get
+        several CQEs (multishot, zero-copy), which need their flags."""
+        items = zip(_unpack(self._cq_ud, n), _unpack(self._cq_res, n),  # noqa: B905
+                    _unpack(self._cq_flags, n))
+        self._backlog_flagged = True
+        self._backlog = items
+        self._c.unacked = 0
+        self._consume_flagged(items)
+        return n
+
+    def _consume_flagged(self, items: Any) -> None:
+        registry = self._registry
+        ready = self._ready
+        for ud, res, flags in items:
+            op = registry.get(ud)
+            if op is None:
+                self._other_cqe(ud, res)
+            elif flags & _F_MORE and ud & _UD_FLAGGED:
+                op._more(res, flags)  # type: ignore[attr-defined]  # flagged kinds define it
+                if op not in ready:
+                    ready.append(op)
+            else:
+                op._res = res  # first, as in _consume: this is what recovery looks for
+                self._finish(op)
+        self._backlog = None
+        self._backlog_flagged = False
+
+    def _other_cqe(self, ud: int, res: int) -> None:
+        """A CQE that is no operation's: saferring's own cancel requests, or a message."""
+        request = self._internal.pop(ud, None)
+        if request is not None:
+            request.res = res
+        elif ud & _UD_MESSAGE:
+            message = _new_op(ReceivedMessage, self, None, ud)
+            message._res = res
+            message._state = _COMPLETED
+            self._ready.append(message)
 
     def _recover(self) -> None:
         """Finish a dispatch that an exception (a signal handler's) interrupted.
@@ -976,7 +1086,10 @@ class Ring:
         nothing before that store can run a handler).  Then the rest of the batch.
         """
         self._finish_orphans()
-        self._consume(self._backlog)
+        if self._backlog_flagged:
+            self._consume_flagged(self._backlog)
+        else:
+            self._consume(self._backlog)
 
     def _finish_orphans(self) -> None:
         """Finish operations whose end was recorded but not yet applied: ``_res`` set by an
@@ -991,13 +1104,15 @@ class Ring:
 
     def _finish(self, op: Operation[Any]) -> None:
         """Record the end of ``op`` (its ``_res`` is set) outside the hot loop."""
+        op._settle()
         res = op._res if op._res is not None else 0
         op._state = op._final_state(res) if res < 0 else _COMPLETED
         if self._registry.get(op._ud) is op:
             del self._registry[op._ud]
         self._cancelled.discard(op._ud)
         op._pins = None
-        self._ready.append(op)
+        if op not in self._ready:
+            self._ready.append(op)
 
     def _consume(self, items: Any) -> None:
         registry = self._registry
@@ -1020,9 +1135,7 @@ class Ring:
                 if cancelled:
                     cancelled.discard(ud)
             else:
-                request = self._internal.pop(ud, None)
-                if request is not None:
-                    request.res = res
+                self._other_cqe(ud, res)
         self._backlog = None
 
     # -- introspection -----------------------------------------------------------------------
@@ -1050,6 +1163,7 @@ _GUARDED_CODE = frozenset({
     Ring.nop.__code__, Ring.read.__code__, Ring.write.__code__, Ring.close.__code__,
     Ring.wait.__code__,  # the wrapper: every @_exclusive method shares this code object
 })
+assert Ring.nop_many.__code__ is Ring.wait.__code__ is Ring.send.__code__
 
 
 def _count(count: int) -> int:

@@ -17,6 +17,9 @@
 #include <limits.h>
 #include <string.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <liburing.h>
@@ -91,6 +94,14 @@ static const unsigned SR_SETUP_DEFER_TASKRUN = IORING_SETUP_DEFER_TASKRUN;
 #define SR_BATCH_TABLE 4096
 #define SR_RES_PENDING INT32_MIN /* never a real res: -errno or a count */
 
+/* Tags in the top bits of a user_data (saferring's own ops count up from 1 and never reach them):
+   SR_UD_FLAGS marks an op that needs every CQE with its flags (multishot, zero-copy send: more
+   than one CQE per request), SR_UD_MSG a value another ring posted with MSG_RING.  The fast path
+   (plain ops, one CQE each) never sees either. */
+#define SR_UD_MSG (1ULL << 62)
+#define SR_UD_FLAGS (1ULL << 61)
+#define SR_UD_TAGS (SR_UD_MSG | SR_UD_FLAGS)
+
 typedef struct {
     uint64_t ud;         /* the batch's own user_data: its key in the Python registry */
     uint64_t id;         /* carried by the members' user_data */
@@ -129,6 +140,12 @@ typedef struct {
     uint64_t next_batch_id;
     sr_batch *batches[SR_BATCH_TABLE];
     uint64_t n_prepared;
+    unsigned n_flagged;  /* CQEs of the last sr_reap that Python must read with their flags */
+    unsigned chain_flags; /* IOSQE_IO_LINK or _HARDLINK while a chain is open, else 0 */
+    unsigned chain_len;   /* SQEs in the open chain */
+    unsigned chain_drain; /* IOSQE_IO_DRAIN for the chain's first SQE */
+    struct io_uring_sqe *last_sqe; /* the newest SQE written, for link_timeout and chains */
+    uint64_t last_ud;
 } sr_ring;
 
 /* 0 if the ring may be driven from here; -EBADF once torn down, -ECHILD in a forked child. */
@@ -241,7 +258,7 @@ static void sr_account(sr_ring *r)
         if (b)
             r->submitted_ud = b->ud;
     } else {
-        r->submitted_ud = ud;
+        r->submitted_ud = ud & ~SR_UD_TAGS;
     }
 }
 
@@ -251,6 +268,8 @@ static int sr_submit(sr_ring *r)
 
     if ((ret = sr_usable(r)) != 0)
         return ret;
+    if (r->chain_flags)
+        return -EINPROGRESS; /* a half-written chain must not reach the kernel */
     ret = io_uring_submit(&r->ring);
     sr_account(r);
     return ret;
@@ -277,7 +296,7 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err, int kind)
     if (r->cq_guard) {
         int64_t limit = kind == SR_LIMIT_USER ? r->cq_entries - r->cq_entries / 4 : r->cq_entries;
         if ((int64_t)(r->n_prepared - r->n_consumed) >= limit) {
-            *err = -EBUSY;
+            *err = r->chain_flags ? -ENOSPC : -EBUSY;
             return NULL;
         }
     }
@@ -285,6 +304,13 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err, int kind)
     sqe = io_uring_get_sqe(&r->ring);
     if (sqe)
         return sqe;
+    if (r->chain_flags) {
+        /* Flushing would hand the kernel half a chain (it would run the part it got as a
+           complete chain): a chain must fit in the SQ. */
+        *err = -ENOSPC;
+        r->n_prepared--;
+        return NULL;
+    }
     ret = sr_submit(r);
     if (ret < 0) {
         *err = ret;
@@ -301,6 +327,21 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err, int kind)
     return sqe;
 }
 
+/* Stamp a written SQE: its user_data, the chain's link flag, and the bookkeeping that rollback
+   (prepared_ud), link_timeout and chain_end read. */
+static inline void sr_finish_sqe(sr_ring *r, struct io_uring_sqe *sqe, uint64_t ud, uint64_t owner)
+{
+    sqe->user_data = ud;
+    if (r->chain_flags) {
+        sqe->flags |= (uint8_t)r->chain_flags;
+        if (r->chain_len++ == 0)
+            sqe->flags |= (uint8_t)r->chain_drain;
+    }
+    r->last_sqe = sqe;
+    r->last_ud = ud;
+    r->prepared_ud = owner;
+}
+
 int sr_prep_nop(sr_ring *r, uint64_t ud)
 {
     int err = 0;
@@ -309,8 +350,7 @@ int sr_prep_nop(sr_ring *r, uint64_t ud)
     if (!sqe)
         return err;
     io_uring_prep_rw(IORING_OP_NOP, sqe, -1, NULL, 0, 0);
-    sqe->user_data = ud;
-    r->prepared_ud = ud;
+    sr_finish_sqe(r, sqe, ud, ud);
     return 0;
 }
 
@@ -327,9 +367,151 @@ int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsig
     io_uring_prep_rw(opcode, sqe, fd, addr, len, (uint64_t)off); /* -1: the file position */
     sqe->rw_flags = op_flags;
     sqe->flags = (uint8_t)sqe_flags;
-    sqe->user_data = ud;
-    r->prepared_ud = ud;
+    sr_finish_sqe(r, sqe, ud, ud);
     return 0;
+}
+
+/* The kernel ABI's SQE, field by field (include/uapi/linux/io_uring.h; stable once released).
+   Written through this layout rather than liburing's struct so that fields newer than the
+   installed headers (addr3, optlen, addr_len...) can be filled under their ABI positions. */
+struct sr_sqe_abi {
+    uint8_t opcode;
+    uint8_t flags;
+    uint16_t ioprio;
+    int32_t fd;
+    uint64_t off;       /* off / addr2 / cmd_op */
+    uint64_t addr;      /* addr / splice_off_in / {level, optname} */
+    uint32_t len;
+    uint32_t op_flags;  /* rw_flags, poll32_events, msg_flags, timeout_flags, ... */
+    uint64_t user_data;
+    uint16_t buf_index; /* buf_index / buf_group */
+    uint16_t personality;
+    uint32_t file_index; /* splice_fd_in / file_index / optlen / {addr_len, pad} */
+    uint64_t addr3;     /* addr3 / optval */
+    uint64_t pad2;
+};
+_Static_assert(sizeof(struct sr_sqe_abi) == 64, "the io_uring SQE is 64 bytes");
+
+/* Any request, every field given: what the safe layer uses for everything but its hot ops. */
+int sr_prep_ext(sr_ring *r, uint64_t ud, int opcode, int fd, uint64_t addr, unsigned len,
+                uint64_t off, unsigned op_flags, unsigned sqe_flags, unsigned ioprio,
+                unsigned buf_index, unsigned file_index, uint64_t addr3, unsigned personality)
+{
+    int err = 0;
+    struct io_uring_sqe *sqe = sr_get_sqe(r, &err, SR_LIMIT_USER);
+    struct sr_sqe_abi *a;
+
+    if (!sqe)
+        return err;
+    a = (struct sr_sqe_abi *)sqe;
+    memset(a, 0, sizeof(*a));
+    a->opcode = (uint8_t)opcode;
+    a->flags = (uint8_t)sqe_flags;
+    a->ioprio = (uint16_t)ioprio;
+    a->fd = fd;
+    a->off = off;
+    a->addr = addr;
+    a->len = len;
+    a->op_flags = op_flags;
+    a->buf_index = (uint16_t)buf_index;
+    a->personality = (uint16_t)personality;
+    a->file_index = file_index;
+    a->addr3 = addr3;
+    sr_finish_sqe(r, sqe, ud, ud);
+    return 0;
+}
+
+/* Socket commands (IORING_OP_URING_CMD on a socket, Linux 6.7): level and optname share the
+   addr field, in the kernel struct's member order whatever the byte order. */
+int sr_prep_cmd_sock(sr_ring *r, uint64_t ud, unsigned cmd_op, int fd, unsigned level,
+                     unsigned optname, uint64_t optval, unsigned optlen, unsigned sqe_flags)
+{
+    union { uint64_t u64; struct { uint32_t level; uint32_t optname; } s; } addr;
+    union { uint64_t u64; struct { uint32_t cmd_op; uint32_t pad; } s; } off;
+
+    addr.s.level = level;
+    addr.s.optname = optname;
+    off.s.cmd_op = cmd_op;
+    off.s.pad = 0;
+    return sr_prep_ext(r, ud, IORING_OP_URING_CMD, fd, addr.u64, 0, off.u64, 0, sqe_flags, 0, 0,
+                       optlen, optval, 0);
+}
+
+/* The 16-bit addr_len of a send_zc/sendto that carries a destination (first half of the
+   file_index word, in struct order). */
+unsigned sr_addr_len_word(unsigned addr_len)
+{
+    union { uint32_t u32; struct { uint16_t addr_len; uint16_t pad; } s; } w;
+
+    w.s.addr_len = (uint16_t)addr_len;
+    w.s.pad = 0;
+    return w.u32;
+}
+
+/* poll32_events are stored word-swapped on big-endian machines (the ABI kept the old 16-bit
+   poll_events field in place). */
+unsigned sr_poll_mask(unsigned mask)
+{
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return (mask << 16) | (mask >> 16);
+#else
+    return mask;
+#endif
+}
+
+/* Put a LINK_TIMEOUT right behind the newest SQE, which must belong to target_ud and must not
+   have reached the kernel yet.  -ESRCH: the target is not the newest unsubmitted SQE; -ENOSPC:
+   no SQE is free without flushing (which would send the target unlinked). */
+int sr_prep_link_timeout(sr_ring *r, uint64_t ud, uint64_t target_ud, const void *ts,
+                         unsigned timeout_flags)
+{
+    struct io_uring_sq *sq = &r->ring.sq;
+    struct io_uring_sqe *sqe;
+    int usable = sr_usable(r);
+
+    if (usable)
+        return usable;
+    if (!r->last_sqe || r->last_ud != target_ud || sq->sqe_tail == sq->sqe_head ||
+        r->last_sqe != &sq->sqes[(sq->sqe_tail - 1) & r->sq_mask])
+        return -ESRCH;
+    if (io_uring_sq_space_left(&r->ring) < 1)
+        return -ENOSPC;
+    r->last_sqe->flags |= IOSQE_IO_LINK;
+    r->n_prepared++;
+    sqe = io_uring_get_sqe(&r->ring);
+    io_uring_prep_rw(IORING_OP_LINK_TIMEOUT, sqe, -1, ts, 1, 0);
+    sqe->timeout_flags = timeout_flags;
+    sr_finish_sqe(r, sqe, ud, ud);
+    return 0;
+}
+
+/* Chains: every SQE written between sr_chain_begin and sr_chain_end carries link_flag, except
+   the last, whose flag sr_chain_end removes.  Nothing reaches the kernel in between (see
+   sr_get_sqe, sr_submit, sr_reap), so the kernel always sees the whole chain at once. */
+int sr_chain_begin(sr_ring *r, unsigned link_flag, unsigned drain)
+{
+    int usable = sr_usable(r);
+
+    if (usable)
+        return usable;
+    if (r->chain_flags)
+        return -EINPROGRESS;
+    r->chain_flags = link_flag;
+    r->chain_drain = drain ? IOSQE_IO_DRAIN : 0;
+    r->chain_len = 0;
+    return 0;
+}
+
+int sr_chain_end(sr_ring *r)
+{
+    unsigned n = r->chain_len;
+
+    if (n && r->last_sqe)
+        r->last_sqe->flags &= (uint8_t)~(IOSQE_IO_LINK | IOSQE_IO_HARDLINK);
+    r->chain_flags = 0;
+    r->chain_len = 0;
+    r->chain_drain = 0;
+    return (int)n;
 }
 
 int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_flags)
@@ -342,8 +524,7 @@ int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_fla
     io_uring_prep_rw(IORING_OP_ASYNC_CANCEL, sqe, -1, NULL, 0, 0);
     sqe->addr = target;
     sqe->cancel_flags = cancel_flags;
-    sqe->user_data = ud;
-    r->prepared_ud = ud;
+    sr_finish_sqe(r, sqe, ud, ud);
     return 0;
 }
 
@@ -360,7 +541,8 @@ int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n)
     if (n == 0 || n > SR_BATCH_MAX_MEMBERS)
         return -EINVAL;
     for (probe = 0; probe < SR_BATCH_TABLE; probe++) {
-        uint64_t id = r->next_batch_id++ & ((1ULL << (63 - SR_BATCH_INDEX_BITS)) - 1);
+        /* ids stay below the tag bits, so a member's user_data is told apart by bit 63 alone */
+        uint64_t id = r->next_batch_id++ & ((1ULL << (61 - SR_BATCH_INDEX_BITS)) - 1);
         if (r->batches[id % SR_BATCH_TABLE])
             continue;
         b->ud = ud;
@@ -424,8 +606,7 @@ int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned count)
         if (!sqe)
             break;
         io_uring_prep_rw(IORING_OP_NOP, sqe, -1, NULL, 0, 0);
-        sqe->user_data = sr_member_ud(b, b->prepared++);
-        r->prepared_ud = b->ud;
+        sr_finish_sqe(r, sqe, sr_member_ud(b, b->prepared++), b->ud);
     }
     return i ? (int)i : err;
 }
@@ -443,9 +624,8 @@ int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int f
         if (!sqe)
             break;
         io_uring_prep_rw(opcode, sqe, fd, base + (size_t)m * block, block, offs[m]);
-        sqe->user_data = sr_member_ud(b, m);
+        sr_finish_sqe(r, sqe, sr_member_ud(b, m), b->ud);
         b->prepared++;
-        r->prepared_ud = b->ud;
     }
     return i ? (int)i : err;
 }
@@ -463,11 +643,6 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
         if (cqe->user_data == LIBURING_UDATA_TIMEOUT)
             continue;
         r->n_consumed++;
-        /* A CQE with F_MORE is not its request's final one: the request stays in flight and
-           keeps its pins.  No operation of this release asks for several CQEs, so nothing in
-           Python needs to see these yet. */
-        if (cqe->flags & IORING_CQE_F_MORE)
-            continue;
         if (cqe->user_data & SR_UD_BATCH) {
             uint32_t index;
             sr_batch *b = sr_batch_of(r, cqe->user_data, &index);
@@ -489,6 +664,13 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
                 n++;
                 continue;
             }
+        }
+        if (cqe->user_data & SR_UD_FLAGS) {
+            r->n_flagged++; /* Python reads this batch with its flags */
+        } else if (cqe->flags & IORING_CQE_F_MORE) {
+            /* Only tagged ops ask for several CQEs; anything else with F_MORE is not a final
+               CQE of ours, and its request keeps its pins. */
+            continue;
         }
         ud[n] = cqe->user_data;
         res[n] = cqe->res;
@@ -533,9 +715,14 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
        otherwise lose them, and with them their operations' only final CQE. */
     if (r->unacked)
         return (int)r->unacked;
+    r->n_flagged = 0;
     if (wait_nr && io_uring_cq_ready(&r->ring) >= wait_nr)
         wait_nr = 0;
-    if (wait_nr) {
+    if (r->chain_flags) {
+        /* An open chain must not be submitted: only collect what is already there. */
+        if (wait_nr)
+            return -EINPROGRESS;
+    } else if (wait_nr) {
         if (timeout_ns >= 0) {
             struct __kernel_timespec ts;
             struct io_uring_cqe *cqe = NULL;
@@ -561,4 +748,118 @@ int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
     if (n)
         return (int)n;
     return ret < 0 ? ret : 0;
+}
+
+/* The kernel's struct open_how (openat2), by its ABI layout: older headers lack it. */
+typedef struct { uint64_t flags; uint64_t mode; uint64_t resolve; } sr_open_how;
+
+/* struct epoll_event is packed on x86-64 only, and siginfo_t's layout is a union maze: both are
+   filled and read here, where the compiler knows them. */
+static const int SR_EPOLL_EVENT_SIZE = sizeof(struct epoll_event);
+static const int SR_SIGINFO_SIZE = sizeof(siginfo_t);
+
+void sr_fill_epoll_event(void *buf, uint32_t events, uint64_t data)
+{
+    struct epoll_event ev;
+
+    ev.events = events;
+    ev.data.u64 = data;
+    memcpy(buf, &ev, sizeof(ev));
+}
+
+/* out: si_signo, si_code, si_pid, si_uid, si_status */
+void sr_read_siginfo(const void *buf, int *out)
+{
+    siginfo_t si;
+
+    memcpy(&si, buf, sizeof(si));
+    out[0] = si.si_signo;
+    out[1] = si.si_code;
+    out[2] = (int)si.si_pid;
+    out[3] = (int)si.si_uid;
+    out[4] = si.si_status;
+}
+
+/* ---- registration (io_uring_register), each refused on a torn-down or forked ring ---- */
+
+int sr_register_files(sr_ring *r, const int *fds, unsigned n)
+{
+    int usable = sr_usable(r);
+    return usable ? usable : io_uring_register_files(&r->ring, fds, n);
+}
+
+int sr_register_files_sparse(sr_ring *r, unsigned n)
+{
+    int usable = sr_usable(r);
+    return usable ? usable : io_uring_register_files_sparse(&r->ring, n);
+}
+
+int sr_update_files(sr_ring *r, unsigned off, const int *fds, unsigned n)
+{
+    int usable = sr_usable(r);
+    /* liburing takes a non-const array; the kernel only reads it */
+    return usable ? usable : io_uring_register_files_update(&r->ring, off, (int *)fds, n);
+}
+
+int sr_unregister_files(sr_ring *r)
+{
+    int usable = sr_usable(r);
+    return usable ? usable : io_uring_unregister_files(&r->ring);
+}
+
+int sr_register_eventfd(sr_ring *r, int fd, int async_only)
+{
+    int usable = sr_usable(r);
+    if (usable)
+        return usable;
+    return async_only ? io_uring_register_eventfd_async(&r->ring, fd)
+                      : io_uring_register_eventfd(&r->ring, fd);
+}
+
+int sr_unregister_eventfd(sr_ring *r)
+{
+    int usable = sr_usable(r);
+    return usable ? usable : io_uring_unregister_eventfd(&r->ring);
+}
+
+int sr_register_personality(sr_ring *r)
+{
+    int usable = sr_usable(r);
+    return usable ? usable : io_uring_register_personality(&r->ring);
+}
+
+int sr_unregister_personality(sr_ring *r, int id)
+{
+    int usable = sr_usable(r);
+    return usable ? usable : io_uring_unregister_personality(&r->ring, id);
+}
+
+int sr_iowq_max_workers(sr_ring *r, unsigned *values)
+{
+    int usable = sr_usable(r);
+    return usable ? usable : io_uring_register_iowq_max_workers(&r->ring, values);
+}
+
+int sr_register_ring_fd(sr_ring *r)
+{
+    int usable = sr_usable(r);
+    if (usable)
+        return usable;
+#if SR_LIBURING_AT_LEAST(2, 2)
+    return io_uring_register_ring_fd(&r->ring);
+#else
+    return -EOPNOTSUPP;
+#endif
+}
+
+int sr_unregister_ring_fd(sr_ring *r)
+{
+    int usable = sr_usable(r);
+    if (usable)
+        return usable;
+#if SR_LIBURING_AT_LEAST(2, 2)
+    return io_uring_unregister_ring_fd(&r->ring);
+#else
+    return -EOPNOTSUPP;
+#endif
 }

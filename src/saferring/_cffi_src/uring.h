@@ -48,6 +48,9 @@ struct io_uring_params { uint32_t sq_entries; uint32_t cq_entries; uint32_t flag
                          uint32_t wq_fd; ...; };
 struct io_uring { unsigned flags; int ring_fd; unsigned features; ...; };
 struct io_uring_probe;
+struct msghdr { void *msg_name; unsigned msg_namelen; struct iovec *msg_iov; size_t msg_iovlen;
+                void *msg_control; size_t msg_controllen; int msg_flags; ...; };
+typedef struct { uint64_t flags; uint64_t mode; uint64_t resolve; } sr_open_how;
 
 /* ---- constants (values come from the headers at build time) ---- */
 #define IORING_SETUP_IOPOLL ...
@@ -60,6 +63,13 @@ struct io_uring_probe;
 
 #define IORING_CQE_F_BUFFER ...
 #define IORING_CQE_F_MORE ...
+#define IORING_CQE_F_NOTIF ...
+
+#define IOSQE_FIXED_FILE ...
+#define IOSQE_IO_DRAIN ...
+#define IOSQE_IO_LINK ...
+#define IOSQE_IO_HARDLINK ...
+#define IOSQE_ASYNC ...
 
 #define IORING_TIMEOUT_ABS ...
 #define IORING_FSYNC_DATASYNC ...
@@ -98,6 +108,8 @@ typedef struct {
     unsigned unacked;       /* CQEs copied out by sr_reap, not yet acknowledged by Python */
     int cq_guard;           /* 1 on kernels that drop CQEs on overflow: in-flight <= CQ size */
     uint64_t n_prepared;    /* SQEs prepared, all time */
+    unsigned n_flagged;     /* CQEs of the last sr_reap that must be read with their flags */
+    unsigned chain_flags;   /* the link flag while a chain is open, else 0 */
     ...;
 } sr_ring;
 
@@ -123,6 +135,35 @@ int sr_prep_nop(sr_ring *r, uint64_t ud);
 int sr_prep(sr_ring *r, uint64_t ud, int opcode, int fd, const void *addr, unsigned len,
             int64_t off, unsigned op_flags, unsigned sqe_flags);
 int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_flags);
+int sr_prep_ext(sr_ring *r, uint64_t ud, int opcode, int fd, uint64_t addr, unsigned len,
+                uint64_t off, unsigned op_flags, unsigned sqe_flags, unsigned ioprio,
+                unsigned buf_index, unsigned file_index, uint64_t addr3, unsigned personality);
+int sr_prep_cmd_sock(sr_ring *r, uint64_t ud, unsigned cmd_op, int fd, unsigned level,
+                     unsigned optname, uint64_t optval, unsigned optlen, unsigned sqe_flags);
+unsigned sr_addr_len_word(unsigned addr_len);
+unsigned sr_poll_mask(unsigned mask);
+int sr_prep_link_timeout(sr_ring *r, uint64_t ud, uint64_t target_ud, const void *ts,
+                         unsigned timeout_flags);
+int sr_chain_begin(sr_ring *r, unsigned link_flag, unsigned drain);
+int sr_chain_end(sr_ring *r);
+
+/* C structs whose layout varies by architecture, filled and read in C */
+static const int SR_EPOLL_EVENT_SIZE;
+static const int SR_SIGINFO_SIZE;
+void sr_fill_epoll_event(void *buf, uint32_t events, uint64_t data);
+void sr_read_siginfo(const void *buf, int *out);
+
+int sr_register_files(sr_ring *r, const int *fds, unsigned n);
+int sr_register_files_sparse(sr_ring *r, unsigned n);
+int sr_update_files(sr_ring *r, unsigned off, const int *fds, unsigned n);
+int sr_unregister_files(sr_ring *r);
+int sr_register_eventfd(sr_ring *r, int fd, int async_only);
+int sr_unregister_eventfd(sr_ring *r);
+int sr_register_personality(sr_ring *r);
+int sr_unregister_personality(sr_ring *r, int id);
+int sr_iowq_max_workers(sr_ring *r, unsigned *values);
+int sr_register_ring_fd(sr_ring *r);
+int sr_unregister_ring_fd(sr_ring *r);
 int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n);
 int sr_batch_abandon(sr_ring *r, sr_batch *b, int err);
 uint64_t sr_batch_member_ud(sr_batch *b, unsigned i);

@@ -1,0 +1,51 @@
+"""What the operation families (``_file_ops``, ``_net_ops``, ``_event_ops``, ``_registration``)
+need from :class:`~saferring.Ring`: the core lives in ``ring.py``, each family in its own mixin,
+and this base spells out the contract between them for the type checker."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._binding import ffi
+
+if TYPE_CHECKING:
+    from ._chain import Chain
+    from .fixed import FileTable, FixedFile
+    from .operation import Operation
+
+
+def addr_of(cdata: Any) -> int:
+    """The address of a pinned C object, for an SQE field (0 for ``None``)."""
+    if cdata is None:
+        return 0
+    return int(ffi.cast("uintptr_t", cdata))
+
+
+class OpsBase:
+    """The parts of Ring the operation families build on (implemented in ring.py)."""
+
+    # The state the families share lives here (the rest of Ring's slots are in ring.py).
+    __slots__ = ("_chain", "_files")
+
+    _chain: Chain | None
+    _files: FileTable | None
+
+    if TYPE_CHECKING:
+        _c: Any
+        _sup: Any
+        _registry: dict[int, Operation[Any]]
+        _next_ud: int
+        _cancelled: set[int]
+
+        def _require(self, opcode: int) -> None: ...
+        def _take_ud(self) -> int: ...
+        def _take_flagged_ud(self) -> int: ...
+        def _fd(self, fd: Any) -> tuple[int, int]: ...
+        def _fixed_handle(self, slot: int) -> FixedFile: ...
+        def _submit(self) -> int: ...
+        def _queue_ext(self, op: Any, opcode: int, fd: int = -1, addr: int = 0, length: int = 0,
+                       off: int = 0, op_flags: int = 0, sqe_flags: int = 0, ioprio: int = 0,
+                       buf_index: int = 0, file_index: int = 0, addr3: int = 0) -> Any: ...
+        def _unregister_if_unprepared(self, ud: int, exc: BaseException) -> BaseException: ...
+        def _prep_retry(self, ud: int, rc: int, prep: Any, *args: Any) -> None: ...
+        def _direct_slot(self, slot: int | None) -> tuple[int, int]: ...
