@@ -148,9 +148,13 @@ class FileOps(OpsBase):
         if offset % mmap.PAGESIZE or not offset >= 0 or length < 0 or offset + length > len(pin):
             raise ValueError(f"offset must be page-aligned and offset+length within the map "
                              f"({len(pin)} bytes); got offset={offset}, length={length}")
+        address = addr_of(pin) + offset
+        if address % mmap.PAGESIZE:
+            # The kernel rounds the range out to whole pages: they must all be the map's own.
+            raise ValueError("the mmap's memory does not start on a page boundary")
         op = _new_op(PathOperation, self, pin, self._take_ud())
         op._path = op._path2 = None
-        return self._queue_ext(op, OP["MADVISE"], -1, addr_of(pin) + offset,  # type: ignore[no-any-return]
+        return self._queue_ext(op, OP["MADVISE"], -1, address,  # type: ignore[no-any-return]
                                _u32(length, "length"), 0, advice)
 
     def _open_how(self, flags: int, mode: int, resolve: int) -> Any:

@@ -1053,17 +1053,20 @@ class Ring(FileOps, NetOps, EventOps, Registration):
     def _consume_flagged(self, items: Any) -> None:
         registry = self._registry
         ready = self._ready
+        # Shaped like _consume: no call before a final CQE is recorded in _res (a call is where
+        # a signal handler can raise; recovery then finds the op by its _res).
         for ud, res, flags in items:
-            op = registry.get(ud)
-            if op is None:
-                self._other_cqe(ud, res)
-            elif flags & _F_MORE and ud & _UD_FLAGGED:
-                op._more(res, flags)  # type: ignore[attr-defined]  # flagged kinds define it
-                if op not in ready:
-                    ready.append(op)
+            if ud in registry:
+                op = registry[ud]
+                if flags & _F_MORE and ud & _UD_FLAGGED:
+                    op._more(res, flags)  # type: ignore[attr-defined]  # flagged kinds define it
+                    if op not in ready:
+                        ready.append(op)
+                else:
+                    op._res = res
+                    self._finish(op)
             else:
-                op._res = res  # first, as in _consume: this is what recovery looks for
-                self._finish(op)
+                self._other_cqe(ud, res)
         self._backlog = None
         self._backlog_flagged = False
 
