@@ -195,7 +195,7 @@ class FileOps(OpsBase):
         flags = _pinning.index(flags, "flags")
         if flags & os.O_CLOEXEC:
             raise ValueError("O_CLOEXEC does not apply to a registered file (the kernel refuses it)")
-        op = _new_op(DirectOperation, self, cpath, self._take_ud())
+        op = _new_op(DirectOperation, self, cpath, self._take_flagged_ud())
         op._path = path
         op._slot, file_index = self._direct_slot(slot)
         return self._queue_ext(op, OP["OPENAT"], _dir_fd(dir_fd), addr_of(cpath),  # type: ignore[no-any-return]

@@ -91,7 +91,7 @@ class NetOps(OpsBase):
         kind = _flags(type, "type")
         if kind & _socket.SOCK_CLOEXEC:
             raise ValueError("SOCK_CLOEXEC does not apply to a registered file")
-        op = _new_op(DirectOperation, self, None, self._take_ud())
+        op = _new_op(DirectOperation, self, None, self._take_flagged_ud())
         op._slot, file_index = self._direct_slot(slot)
         return self._queue_ext(op, OP["SOCKET"], _pinning.index(family, "family"), 0,  # type: ignore[no-any-return]
                                _flags(proto, "proto"), kind, file_index=file_index)
@@ -172,7 +172,7 @@ class NetOps(OpsBase):
             op: Any = _new_op(AcceptDirectMultishotOperation, self, None, self._take_flagged_ud())
             return self._queue_ext(op, OP["ACCEPT"], fd, 0, 0, 0, flags, fixed,
                                    ioprio=_ACCEPT_MULTISHOT, file_index=_FILE_INDEX_ALLOC)
-        op = _new_op(DirectOperation, self, None, self._take_ud())
+        op = _new_op(DirectOperation, self, None, self._take_flagged_ud())
         op._slot, file_index = self._direct_slot(slot)
         return self._queue_ext(op, OP["ACCEPT"], fd, 0, 0, 0, flags, fixed,
                                file_index=file_index)
@@ -291,7 +291,7 @@ class NetOps(OpsBase):
         msg, pins = self._msghdr(fd, fixed, buffers, _pinning.writable,
                                  _sockaddr.SOCKADDR_STORAGE_SIZE, ancbufsize)
         op = _new_op(RecvmsgOperation, self, pins, self._take_ud())
-        op._msg = msg
+        op._msg, op._keep = msg, pins[3:]  # the name and control buffers
         return self._queue_ext(op, OP["RECVMSG"], fd, addr_of(msg), 1, 0, _flags(flags),  # type: ignore[no-any-return]
                                fixed)
 

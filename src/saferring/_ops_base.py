@@ -25,10 +25,11 @@ class OpsBase:
     """The parts of Ring the operation families build on (implemented in ring.py)."""
 
     # The state the families share lives here (the rest of Ring's slots are in ring.py).
-    __slots__ = ("_chain", "_files")
+    __slots__ = ("_chain", "_files", "_ring_fd_registered")
 
     _chain: Chain | None
     _files: FileTable | None
+    _ring_fd_registered: bool
 
     if TYPE_CHECKING:
         _c: Any
@@ -41,7 +42,7 @@ class OpsBase:
         def _take_ud(self) -> int: ...
         def _take_flagged_ud(self) -> int: ...
         def _fd(self, fd: Any) -> tuple[int, int]: ...
-        def _fixed_handle(self, slot: int) -> FixedFile: ...
+        def _fixed_handle(self, slot: int, picked: bool = False) -> FixedFile: ...
         def _submit(self) -> int: ...
         def _queue_ext(self, op: Any, opcode: int, fd: int = -1, addr: int = 0, length: int = 0,
                        off: int = 0, op_flags: int = 0, sqe_flags: int = 0, ioprio: int = 0,

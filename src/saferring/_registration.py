@@ -58,7 +58,8 @@ class Registration(OpsBase):
 
         Returns one :class:`~saferring.FixedFile` per slot that holds a file (``None`` for empty
         ones).  The kernel keeps its own reference to each file: the descriptors may be closed
-        afterwards.  Raises ``OSError`` (``EBUSY``) if a table is already registered.
+        afterwards.  Raises :class:`~saferring.OperationStateError` if a table is already
+        registered.
         """
         if self._files is not None:
             raise OperationStateError("a file table is already registered: unregister_files() "
@@ -135,8 +136,9 @@ class Registration(OpsBase):
 
     @_exclusive
     def register_eventfd(self, fd: int, *, async_only: bool = False) -> None:
-        """Have the kernel signal eventfd ``fd`` on every CQE (``async_only``: only for requests
-        that completed asynchronously).  The eventfd stays the caller's to close."""
+        """Have the kernel signal eventfd ``fd`` on every CQE.  ``async_only``: only for CQEs of
+        requests that completed out of line, in an io-wq worker (not those completed inline or
+        through poll wake-ups).  The eventfd stays the caller's to close."""
         fd = _pinning.index(fd, "fd")
         _check(lib.sr_register_eventfd(self._c, fd, 1 if async_only else 0), "register_eventfd")
 
@@ -168,17 +170,29 @@ class Registration(OpsBase):
     @_exclusive
     def register_ring_fd(self) -> None:
         """Register the ring's own descriptor, which saves a file lookup on every
-        ``io_uring_enter`` (Linux 5.18).  Raises ``OSError`` (``EEXIST``...) if refused."""
+        ``io_uring_enter`` (Linux 5.18).  The registration belongs to the calling (owner)
+        thread.  A second call raises :class:`~saferring.OperationStateError`; the kernel's
+        refusal, ``OSError``."""
+        # Tracked here because liburing does not: a second registration would take another
+        # slot of the thread's table that nothing ever releases, and a second unregister would
+        # release whatever registration sits at that offset, possibly another ring's.
+        if getattr(self, "_ring_fd_registered", False):
+            raise OperationStateError("the ring's descriptor is already registered")
         rc = lib.sr_register_ring_fd(self._c)
         if rc == 0:
             raise OSError(0, "register_ring_fd: the kernel registered nothing")
         _check(rc, "register_ring_fd")
+        self._ring_fd_registered = True
 
     @_exclusive
     def unregister_ring_fd(self) -> None:
-        """Undo :meth:`register_ring_fd`."""
+        """Undo :meth:`register_ring_fd` (:class:`~saferring.OperationStateError` if the
+        descriptor is not registered)."""
+        if not getattr(self, "_ring_fd_registered", False):
+            raise OperationStateError("the ring's descriptor is not registered")
         rc = lib.sr_unregister_ring_fd(self._c)
         _check(rc, "unregister_ring_fd")
+        self._ring_fd_registered = False
 
     def probe(self) -> frozenset[str]:
         """The names of the opcodes this ring's kernel supports (``ring.features.opcodes``)."""

@@ -331,17 +331,25 @@ class DirectOperation(Operation["FixedFile"]):
     """A ``*_direct`` request (``openat_direct``, ``accept_direct``, ``socket_direct``): the new
     file goes into the ring's registered file table; the result is its :class:`FixedFile`."""
 
-    __slots__ = ("_path", "_slot")
+    # Tagged (several-CQE path) so that _settle runs when the CQE arrives: the handle must carry
+    # the slot's generation of that moment, not of whenever result() is called.
+    __slots__ = ("_handle", "_path", "_slot")
     kind = "direct"
     _path: Any
     _slot: int  # the requested slot, or -1: the kernel picks one and returns it
+    _handle: FixedFile
 
     def _filename(self) -> Any:
         return getattr(self, "_path", None)
 
+    def _settle(self) -> None:
+        res = self._res
+        if res is not None and res >= 0 and not hasattr(self, "_handle"):
+            picked = self._slot < 0
+            self._handle = self._ring._fixed_handle(res if picked else self._slot, picked)
+
     def _value(self, res: int) -> FixedFile:
-        slot = res if self._slot < 0 else self._slot
-        return self._ring._fixed_handle(slot)
+        return self._handle
 
 
 class CancelOperation(IntOperation):
@@ -438,9 +446,12 @@ class RecvmsgResult:
 class RecvmsgOperation(Operation[RecvmsgResult]):
     """``recvmsg``: the result is a :class:`RecvmsgResult`."""
 
-    __slots__ = ("_msg",)
+    # _msg keeps the msghdr *and* the name and control buffers it points to readable after the
+    # pins are released (the result is decoded from them then).
+    __slots__ = ("_keep", "_msg")
     kind = "recvmsg"
     _msg: Any
+    _keep: Any
 
     def _value(self, res: int) -> RecvmsgResult:
         from ._sockaddr import decode, decode_cmsgs
@@ -527,9 +538,9 @@ class MultishotOperation(Operation[list[V]]):
     """
 
     __slots__ = ("_items", "_last_added")
-    _items: collections.deque[int]
+    _items: collections.deque[Any]
 
-    def _more(self, res: int, flags: int) -> None:
+    def _more(self, res: Any, flags: int) -> None:
         try:
             items = self._items
         except AttributeError:
@@ -620,8 +631,12 @@ class AcceptDirectMultishotOperation(MultishotOperation["FixedFile"]):
     __slots__ = ()
     kind = "accept"
 
-    def _convert(self, res: int) -> FixedFile:
-        return self._ring._fixed_handle(res)
+    def _more(self, res: int, flags: int) -> None:
+        # The handle is made as the CQE arrives (see DirectOperation); errors stay ints.
+        super()._more(self._ring._fixed_handle(res, True) if res >= 0 else res, flags)
+
+    def _convert(self, res: Any) -> FixedFile:
+        return res  # type: ignore[no-any-return]
 
 
 class TimeoutOperation(Operation[None]):

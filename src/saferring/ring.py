@@ -518,11 +518,16 @@ class Ring(FileOps, NetOps, EventOps, Registration):
             raise ValueError(f"fd must fit a 32-bit int, got {fd}")
         return fd, 0
 
-    def _fixed_handle(self, slot: int) -> FixedFile:
-        """A handle for a slot the kernel just filled (a ``*_direct`` result)."""
+    def _fixed_handle(self, slot: int, picked: bool = False) -> FixedFile:
+        """A handle for a slot the kernel just filled (a ``*_direct`` result, at its CQE).
+
+        ``picked``: the kernel chose the slot, so it was empty until now; its generation is
+        bumped, which makes any handle taken to the empty slot earlier stale."""
         table = self._files
         if table is None or not 0 <= slot < len(table.generations):
             return FixedFile._make(self, FileTable(slot + 1), slot)  # stale from birth
+        if picked:
+            table.bump(slot)
         return FixedFile._make(self, table, slot)
 
     def _make_room(self) -> None:
