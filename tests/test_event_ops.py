@@ -4,6 +4,7 @@ kernel (src/saferring/_event_ops.py and _chain.py)."""
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import select
@@ -38,6 +39,23 @@ def _assert_cancelled(op: Any) -> None:
     with pytest.raises(OperationCancelledError) as info:
         op.result()
     assert info.value.errno == errno.ECANCELED
+
+
+@contextlib.contextmanager
+def _drained(*rings: saferring.Ring) -> Iterator[None]:
+    """On leaving (even by a failed assertion): cancel what is still in flight and reap it, so a
+    failing test reports its own failure rather than a leak at teardown."""
+    try:
+        yield
+    finally:
+        for ring in rings:
+            if ring.closed:
+                continue
+            pending = [op for op in list(ring._registry.values()) if not op.done()]
+            for op in pending:
+                if not op.cancel_requested:
+                    op.cancel()
+            _wait_done(ring, *pending)
 
 
 @pytest.fixture
@@ -429,12 +447,14 @@ def test_link_timeout_update(ring: saferring.Ring, pipe: tuple[int, int]) -> Non
     rd = ring.read(r, bytearray(4))
     lt = ring.link_timeout(rd, 10)
     ring.submit()
-    upd = ring.timeout_update(lt, 0.02)
-    _wait_done(ring, upd, rd, lt)
-    assert upd.result() == 1
-    assert lt.result() is True
-    _assert_cancelled(rd)
-    assert time.monotonic() - start < 5
+    with _drained(ring):
+        upd = ring.timeout_update(lt, 0.02)
+        _wait_done(ring, upd)
+        assert upd.result() == 1
+        _wait_done(ring, rd, lt)
+        assert lt.result() is True
+        _assert_cancelled(rd)
+        assert time.monotonic() - start < 5
 
 
 # -- cancellation -----------------------------------------------------------------------------
@@ -576,6 +596,13 @@ def test_cancel_all_keeps_pins_until_each_cqe(ring: saferring.Ring, pipe: tuple[
         _assert_cancelled(op)
     assert ring.stats().pinned_bytes == 0
     bufs[0].extend(b"x")
+
+
+def test_cancel_all_with_nothing_in_flight_is_zero(ring: saferring.Ring) -> None:
+    """cancel_all with nothing to cancel answers 0 (it found none)."""
+    c = ring.cancel_all()
+    assert ring.run(c) == 0
+    assert c.state is OpState.COMPLETED
 
 
 def test_cancel_requests_refused_inside_chain(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
@@ -897,17 +924,18 @@ def test_msg_ring_bad_input(ring: saferring.Ring) -> None:
     """Out-of-range value/res, a closed target ring and wrong types are refused before queuing."""
     _needs_msg_ring(ring)
     other = saferring.Ring(4)
-    for bad in (-1, 1 << 61, 1 << 64):
-        with pytest.raises(ValueError, match="value"):
-            ring.msg_ring(other, bad)
-    for bad in (1 << 31, -(1 << 31) - 1):
-        with pytest.raises(ValueError, match="res"):
-            ring.msg_ring(other, 1, bad)
-    with pytest.raises(TypeError):
-        ring.msg_ring(other, 1.5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        ring.msg_ring("ring", 1)
-    other.close()
+    with _drained(ring), contextlib.closing(other):
+        for bad in (-1, 1 << 61, 1 << 62, 1 << 64):
+            with pytest.raises(ValueError, match="value"):
+                ring.msg_ring(other, bad)
+        for bad in (1 << 31, -(1 << 31) - 1):
+            with pytest.raises(ValueError, match="res"):
+                ring.msg_ring(other, 1, bad)
+        with pytest.raises(TypeError):
+            ring.msg_ring(other, 1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            ring.msg_ring("ring", 1)
+        assert ring.stats().in_flight == 0
     with pytest.raises(OperationStateError):
         ring.msg_ring(other, 1)
     assert ring.stats().in_flight == 0

@@ -103,7 +103,7 @@ def xattr_file(tmp_path: os.PathLike[str]) -> Iterator[tuple[str, int]]:
 
 
 def test_sync_file_range_writes_dirty_range(ring: saferring.Ring, rwfile: tuple[int, bytes]) -> None:
-    """sync_file_range completes with 0 for every flag combination and leaves the data as written."""
+    """sync_file_range completes with 0 (WRITE; WAIT_BEFORE|WRITE|WAIT_AFTER) and keeps the data written."""
     fd, data = rwfile
     os.pwrite(fd, b"dirty", 100)
     all_flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER

@@ -292,6 +292,38 @@ def test_accept_result_not_claimed_is_closed_when_dropped(ring: saferring.Ring) 
         assert client.recv(1) == b""  # the server side really went away
 
 
+def test_stats_while_accept_in_flight(ring: saferring.Ring) -> None:
+    """A pending accept pins its address buffer and length: stats() counts them, then releases."""
+    with _listener() as lst:
+        op = ring.accept(lst)
+        ring.submit()
+        stats = ring.stats()
+        assert stats.in_flight == 1
+        assert stats.pinned_bytes >= 128 + 4  # sockaddr_storage + socklen_t
+        with socket.create_connection(lst.getsockname(), timeout=5):
+            fd, _ = _run(ring, op)
+            os.close(fd)
+    assert ring.stats().pinned_bytes == 0
+
+
+def test_accept_dropped_while_in_flight_closes_its_connection(ring: saferring.Ring) -> None:
+    """An accept dropped before it completed still completes; nobody claims it, so its fd is closed."""
+    with _listener() as lst:
+        op = ring.accept(lst)
+        ring.submit()
+        del op
+        gc.collect()
+        with socket.create_connection(lst.getsockname(), timeout=5) as client:
+            done = ring.wait(1, timeout=5)
+            assert len(done) == 1 and done[0].state is OpState.COMPLETED
+            fd = done[0]._res
+            assert fd is not None and _fd_open(fd)
+            del done
+            gc.collect()
+            assert not _fd_open(fd)
+            assert client.recv(1) == b""
+
+
 def test_accept_claimed_result_stays_open(ring: saferring.Ring) -> None:
     """Once result() handed the descriptor out, dropping the operation leaves it open."""
     with _listener() as lst, socket.create_connection(lst.getsockname(), timeout=5):
@@ -749,6 +781,18 @@ def test_setsockopt_int_takes_effect(ring: saferring.Ring,
 
 
 @needs_sockcmds
+def test_stats_while_setsockopt_queued(ring: saferring.Ring,
+                                       tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    """A queued setsockopt pins its int value: stats() counts it and drops it after the CQE."""
+    client, _ = tcp_pair
+    op = ring.setsockopt(client, socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    stats = ring.stats()
+    assert stats.in_flight == 1 and stats.pinned_bytes >= 4
+    assert _run(ring, op) == 0
+    assert ring.stats().pinned_bytes == 0
+
+
+@needs_sockcmds
 def test_setsockopt_bytes_value(ring: saferring.Ring,
                                 tcp_pair: tuple[socket.socket, socket.socket]) -> None:
     """setsockopt() with a bytes-like value (a struct linger) sets it like socket.setsockopt."""
@@ -877,6 +921,38 @@ def test_socket_direct_accept_direct(ring: saferring.Ring) -> None:
                 ring.accept_direct(lst, multishot=True, slot=1)
     finally:
         ring.unregister_files()
+
+
+def test_accept_direct_multishot(ring: saferring.Ring) -> None:
+    """A multishot accept_direct puts each connection in a free slot; recv works through them."""
+    ring.register_files(4)
+    clients: list[socket.socket] = []
+    try:
+        with _listener() as lst:
+            op = ring.accept_direct(lst, multishot=True)
+            ring.submit()
+            clients = [socket.create_connection(lst.getsockname(), timeout=5) for _ in range(2)]
+            got: list[Any] = []
+            deadline = time.monotonic() + 5
+            while len(got) < 2 and time.monotonic() < deadline:
+                ring.wait(1, timeout=0.5)
+                got += op.take()
+            assert sorted(f.slot for f in got) == [0, 1]
+            for i, client in enumerate(clients):
+                client.sendall(b"c%d" % i)
+            received = set()
+            for fixed in got:
+                buf = bytearray(2)
+                assert _run(ring, ring.recv(fixed, buf)) == 2
+                received.add(bytes(buf))
+            assert received == {b"c0", b"c1"}
+            op.cancel()
+            _finish(ring, op)
+            assert op.state is OpState.CANCELLED
+    finally:
+        ring.unregister_files()
+        for c in clients:
+            c.close()
 
 
 def test_fixed_file_connect_with_wrong_family_fails_in_kernel(ring: saferring.Ring) -> None:

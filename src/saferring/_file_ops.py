@@ -17,7 +17,7 @@ from ._binding import ffi
 from ._guard import _exclusive
 from ._ops_base import OpsBase, addr_of
 from .constants import SPLICE_F_MORE, SPLICE_F_MOVE, SPLICE_F_NONBLOCK
-from .features import OP
+from .features import OP, OPCODES
 from .fixed import FixedFile
 from .operation import (
     DirectOperation,
@@ -54,7 +54,10 @@ def _dir_fd(dir_fd: int | None) -> int:
         return _AT_FDCWD
     if isinstance(dir_fd, FixedFile):
         raise TypeError("dir_fd must be a descriptor, not a FixedFile")
-    return _pinning.index(dir_fd, "dir_fd")
+    number = _pinning.index(dir_fd, "dir_fd")
+    if not -(1 << 31) <= number < 1 << 31:
+        raise ValueError(f"dir_fd must fit a 32-bit int, got {number}")
+    return number
 
 
 def _u32(value: Any, name: str) -> int:
@@ -96,6 +99,7 @@ class FileOps(OpsBase):
         self._require(OP["SYNC_FILE_RANGE"])
         fd, sqe_flags = self._fd(fd)
         op = _new_op(PathOperation, self, None, self._take_ud())
+        op._label = "sync_file_range"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["SYNC_FILE_RANGE"], fd, 0, _u32(nbytes, "nbytes"),  # type: ignore[no-any-return]
                                _u64(offset, "offset"), _u32(flags, "flags"), sqe_flags)
@@ -106,6 +110,7 @@ class FileOps(OpsBase):
         self._require(OP["FALLOCATE"])
         fd, sqe_flags = self._fd(fd)
         op = _new_op(PathOperation, self, None, self._take_ud())
+        op._label = "fallocate"
         op._path = op._path2 = None
         # The ABI puts the length in addr and the mode in len.
         return self._queue_ext(op, OP["FALLOCATE"], fd, _u64(length, "length"),  # type: ignore[no-any-return]
@@ -120,6 +125,7 @@ class FileOps(OpsBase):
         self._require(OP["FADVISE"])
         fd, sqe_flags = self._fd(fd)
         op = _new_op(PathOperation, self, None, self._take_ud())
+        op._label = "fadvise"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["FADVISE"], fd, 0, _u32(length, "length"),  # type: ignore[no-any-return]
                                _u64(offset, "offset"), _u32(advice, "advice"), sqe_flags)
@@ -142,9 +148,9 @@ class FileOps(OpsBase):
                              "leave Python objects pointing at missing memory)")
         offset = _pinning.index(offset, "offset")
         length = _pinning.index(length, "length")
-        pin = _pinning.writable(buffer) if not buffer.closed else None
-        if pin is None:
-            raise ValueError("mmap closed or invalid")
+        if buffer.closed:
+            raise ValueError("madvise() on a closed mmap")
+        pin = _pinning.readable(buffer)  # read-only maps too: madvise writes no data
         if offset % mmap.PAGESIZE or not offset >= 0 or length < 0 or offset + length > len(pin):
             raise ValueError(f"offset must be page-aligned and offset+length within the map "
                              f"({len(pin)} bytes); got offset={offset}, length={length}")
@@ -153,6 +159,7 @@ class FileOps(OpsBase):
             # The kernel rounds the range out to whole pages: they must all be the map's own.
             raise ValueError("the mmap's memory does not start on a page boundary")
         op = _new_op(PathOperation, self, pin, self._take_ud())
+        op._label = "madvise"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["MADVISE"], -1, address,  # type: ignore[no-any-return]
                                _u32(length, "length"), 0, advice)
@@ -223,6 +230,7 @@ class FileOps(OpsBase):
         self._require(OP["UNLINKAT"])
         cpath = _pinning.path(path)
         op = _new_op(PathOperation, self, cpath, self._take_ud())
+        op._label = "unlinkat"
         op._path, op._path2 = path, None
         return self._queue_ext(op, OP["UNLINKAT"], _dir_fd(dir_fd), addr_of(cpath),  # type: ignore[no-any-return]
                                op_flags=_AT_REMOVEDIR if rmdir else 0)
@@ -234,6 +242,7 @@ class FileOps(OpsBase):
         self._require(OP["RENAMEAT"])
         csrc, cdst = _pinning.path(src), _pinning.path(dst)
         op = _new_op(PathOperation, self, (csrc, cdst), self._take_ud())
+        op._label = "renameat"
         op._path, op._path2 = src, dst
         return self._queue_ext(op, OP["RENAMEAT"], _dir_fd(src_dir_fd), addr_of(csrc),  # type: ignore[no-any-return]
                                _dir_fd(dst_dir_fd) & _MAX_U32, addr_of(cdst),
@@ -245,6 +254,7 @@ class FileOps(OpsBase):
         self._require(OP["MKDIRAT"])
         cpath = _pinning.path(path)
         op = _new_op(PathOperation, self, cpath, self._take_ud())
+        op._label = "mkdirat"
         op._path, op._path2 = path, None
         return self._queue_ext(op, OP["MKDIRAT"], _dir_fd(dir_fd), addr_of(cpath),  # type: ignore[no-any-return]
                                _u32(mode, "mode"))
@@ -255,6 +265,7 @@ class FileOps(OpsBase):
         self._require(OP["SYMLINKAT"])
         ctarget, clink = _pinning.path(target), _pinning.path(linkpath)
         op = _new_op(PathOperation, self, (ctarget, clink), self._take_ud())
+        op._label = "symlinkat"
         op._path, op._path2 = target, linkpath
         return self._queue_ext(op, OP["SYMLINKAT"], _dir_fd(dir_fd), addr_of(ctarget),  # type: ignore[no-any-return]
                                0, addr_of(clink))
@@ -266,6 +277,7 @@ class FileOps(OpsBase):
         self._require(OP["LINKAT"])
         csrc, cdst = _pinning.path(src), _pinning.path(dst)
         op = _new_op(PathOperation, self, (csrc, cdst), self._take_ud())
+        op._label = "linkat"
         op._path, op._path2 = src, dst
         return self._queue_ext(op, OP["LINKAT"], _dir_fd(src_dir_fd), addr_of(csrc),  # type: ignore[no-any-return]
                                _dir_fd(dst_dir_fd) & _MAX_U32, addr_of(cdst),
@@ -277,6 +289,7 @@ class FileOps(OpsBase):
         self._require(OP["FTRUNCATE"])
         fd, sqe_flags = self._fd(fd)
         op = _new_op(PathOperation, self, None, self._take_ud())
+        op._label = "ftruncate"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["FTRUNCATE"], fd, 0, 0, _u64(length, "length"),  # type: ignore[no-any-return]
                                sqe_flags=sqe_flags)
@@ -292,10 +305,12 @@ class FileOps(OpsBase):
         self._require(OP["FGETXATTR"])
         fd, sqe_flags = self._fd(fd)
         cname = _name(name)
-        out = ffi.new("char[]", max(_xattr_size(size), 1))
+        # size 0 would ask the kernel for the value's length only: not what the result is.
+        size = _xattr_size(size, 1)
+        out = ffi.new("char[]", size)
         op = _new_op(XattrOperation, self, (cname, out), self._take_ud())
         op._out, op._path = out, None
-        return self._queue_ext(op, OP["FGETXATTR"], fd, addr_of(cname), _xattr_size(size),  # type: ignore[no-any-return]
+        return self._queue_ext(op, OP["FGETXATTR"], fd, addr_of(cname), size,  # type: ignore[no-any-return]
                                addr_of(out), sqe_flags=sqe_flags)
 
     @_exclusive
@@ -303,10 +318,12 @@ class FileOps(OpsBase):
         """Queue a ``getxattr`` of ``path``; the result is the value (``bytes``)."""
         self._require(OP["GETXATTR"])
         cpath, cname = _pinning.path(path), _name(name)
-        out = ffi.new("char[]", max(_xattr_size(size), 1))
+        # size 0 would ask the kernel for the value's length only: not what the result is.
+        size = _xattr_size(size, 1)
+        out = ffi.new("char[]", size)
         op = _new_op(XattrOperation, self, (cpath, cname, out), self._take_ud())
         op._out, op._path = out, path
-        return self._queue_ext(op, OP["GETXATTR"], 0, addr_of(cname), _xattr_size(size),  # type: ignore[no-any-return]
+        return self._queue_ext(op, OP["GETXATTR"], 0, addr_of(cname), size,  # type: ignore[no-any-return]
                                addr_of(out), addr3=addr_of(cpath))
 
     @_exclusive
@@ -316,6 +333,7 @@ class FileOps(OpsBase):
         fd, sqe_flags = self._fd(fd)
         cname, pin = _name(name), _pinning.readable(value)
         op = _new_op(PathOperation, self, (cname, pin), self._take_ud())
+        op._label = "fsetxattr"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["FSETXATTR"], fd, addr_of(cname), _xattr_size(len(pin)),  # type: ignore[no-any-return]
                                addr_of(pin), _u32(flags, "flags"), sqe_flags)
@@ -326,6 +344,7 @@ class FileOps(OpsBase):
         self._require(OP["SETXATTR"])
         cpath, cname, pin = _pinning.path(path), _name(name), _pinning.readable(value)
         op = _new_op(PathOperation, self, (cpath, cname, pin), self._take_ud())
+        op._label = "setxattr"
         op._path, op._path2 = path, None
         return self._queue_ext(op, OP["SETXATTR"], 0, addr_of(cname), _xattr_size(len(pin)),  # type: ignore[no-any-return]
                                addr_of(pin), _u32(flags, "flags"), addr3=addr_of(cpath))
@@ -362,6 +381,7 @@ class FileOps(OpsBase):
             if not -1 <= _pinning.index(value, name) < 1 << 63:
                 raise ValueError(f"{name} must be >= 0, or -1 for none/the file position")
         op = _new_op(PathOperation, self, None, self._take_ud())
+        op._label = OPCODES[opcode].name.lower()
         op._path = op._path2 = None
         # splice_off_in shares the addr field; splice_fd_in the file_index field.
         return self._queue_ext(op, opcode, out_fd, offset_in & 0xFFFF_FFFF_FFFF_FFFF,  # type: ignore[no-any-return]
@@ -386,9 +406,9 @@ class FileOps(OpsBase):
                                sqe_flags=sqe_flags)
 
 
-def _xattr_size(size: Any) -> int:
+def _xattr_size(size: Any, minimum: int = 0) -> int:
     number = _pinning.index(size, "size")
-    if not 0 <= number <= _XATTR_SIZE_MAX:
-        raise ValueError(f"an attribute value is at most {_XATTR_SIZE_MAX} bytes, got {number}")
+    if not minimum <= number <= _XATTR_SIZE_MAX:
+        raise ValueError(f"size must be between {minimum} and {_XATTR_SIZE_MAX} bytes, got {number}")
     return number
 

@@ -19,7 +19,7 @@ from ._binding import ffi, lib
 from ._guard import _exclusive
 from ._ops_base import OpsBase, addr_of
 from .errors import UnsupportedOperationError
-from .features import OP, kernel_at_least
+from .features import OP, OPCODES, kernel_at_least
 from .operation import (
     AcceptDirectMultishotOperation,
     AcceptMultishotOperation,
@@ -104,6 +104,7 @@ class NetOps(OpsBase):
         fd, fixed = self._fd(fd)
         addr, length = self._address(fd, fixed, address)
         op = _new_op(PathOperation, self, addr, self._take_ud())
+        op._label = "connect"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["CONNECT"], fd, addr_of(addr), 0, length,  # type: ignore[no-any-return]
                                sqe_flags=fixed)
@@ -115,6 +116,7 @@ class NetOps(OpsBase):
         fd, fixed = self._fd(fd)
         addr, length = self._address(fd, fixed, address)
         op = _new_op(PathOperation, self, addr, self._take_ud())
+        op._label = "bind"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["BIND"], fd, addr_of(addr), 0, length,  # type: ignore[no-any-return]
                                sqe_flags=fixed)
@@ -125,6 +127,7 @@ class NetOps(OpsBase):
         self._require(OP["LISTEN"])
         fd, fixed = self._fd(fd)
         op = _new_op(PathOperation, self, None, self._take_ud())
+        op._label = "listen"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["LISTEN"], fd, 0, _flags(backlog, "backlog"),  # type: ignore[no-any-return]
                                sqe_flags=fixed)
@@ -183,6 +186,7 @@ class NetOps(OpsBase):
         self._require(OP["SHUTDOWN"])
         fd, fixed = self._fd(fd)
         op = _new_op(PathOperation, self, None, self._take_ud())
+        op._label = "shutdown"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["SHUTDOWN"], fd, 0, _flags(how, "how"),  # type: ignore[no-any-return]
                                sqe_flags=fixed)
@@ -196,6 +200,7 @@ class NetOps(OpsBase):
         fd, fixed = self._fd(fd)
         pin = _pinning.readable(data)
         op = _new_op(PathOperation, self, pin, self._take_ud())
+        op._label = "send"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["SEND"], fd, addr_of(pin), _pinning.check_len(len(pin)),  # type: ignore[no-any-return]
                                0, _flags(flags), fixed)
@@ -207,6 +212,7 @@ class NetOps(OpsBase):
         fd, fixed = self._fd(fd)
         pin = _pinning.writable(buffer)
         op = _new_op(PathOperation, self, pin, self._take_ud())
+        op._label = "recv"
         op._path = op._path2 = None
         return self._queue_ext(op, OP["RECV"], fd, addr_of(pin), _pinning.check_len(len(pin)),  # type: ignore[no-any-return]
                                0, _flags(flags), fixed)
@@ -273,6 +279,7 @@ class NetOps(OpsBase):
         op = _new_op(cls, self, pins, ud)
         if cls is PathOperation:
             op._path = op._path2 = None
+            op._label = OPCODES[opcode].name.lower()
         return self._queue_ext(op, opcode, fd, addr_of(msg), 1, 0, flags, fixed)
 
     @_exclusive

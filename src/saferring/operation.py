@@ -301,9 +301,13 @@ class PathOperation(IntOperation):
     """A filesystem operation on paths (``unlinkat``, ``renameat``, ``mkdirat``...): the result is
     0, errors carry the path(s) as ``filename``/``filename2`` like the ``os`` module's."""
 
-    __slots__ = ("_path", "_path2")
+    __slots__ = ("_label", "_path", "_path2")
     _path: Any
     _path2: Any
+    _label: str  # the operation's name in messages (this class serves many opcodes)
+
+    def _what(self) -> str:
+        return f"{getattr(self, '_label', self.kind)}, user_data={self.user_data}"
 
     def _filename(self) -> Any:
         return self._path
@@ -324,7 +328,7 @@ class XattrOperation(Operation[bytes]):
         return self._path
 
     def _value(self, res: int) -> bytes:
-        return bytes(ffi.buffer(self._out, res))
+        return bytes(ffi.buffer(self._out, min(res, len(self._out))))
 
 
 class DirectOperation(Operation["FixedFile"]):
