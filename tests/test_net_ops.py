@@ -801,8 +801,8 @@ def test_setsockopt_bytes_value(ring: saferring.Ring,
     assert _run(ring, ring.setsockopt(client, socket.SOL_SOCKET, socket.SO_LINGER, value)) == 0
     assert client.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(value)) == value
     assert _run(ring, ring.setsockopt(client, socket.SOL_SOCKET, socket.SO_LINGER,
-                                      bytearray(struct.pack("ii", 0, 0)))) == 0
-    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(value)) == bytes(8)
+                                      bytearray(struct.pack("ii", 1, 3)))) == 0
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(value)) == struct.pack("ii", 1, 3)
 
 
 @needs_sockcmds

@@ -277,6 +277,8 @@ class NetOps(OpsBase):
                                  _sockaddr.encode_cmsgs(ancdata))
         ud = self._take_flagged_ud() if cls is SendZcOperation else self._take_ud()
         op = _new_op(cls, self, pins, ud)
+        if cls is SendZcOperation:
+            op._kind_name = OPCODES[opcode].name.lower()
         if cls is PathOperation:
             op._path = op._path2 = None
             op._label = OPCODES[opcode].name.lower()
@@ -365,8 +367,13 @@ class NetOps(OpsBase):
             buf = ffi.new("int *", value)
             size = ffi.sizeof("int")
         else:
-            buf = ffi.new("char[]", bytes(_pinning.readable(value)))
-            size = len(buf)
+            try:
+                raw = bytes(memoryview(value))
+            except TypeError:
+                raise TypeError(f"value must be an int or a bytes-like object, got "
+                                f"{type(value).__name__}") from None
+            buf = ffi.new("char[]", raw or b"\0")  # a copy: the caller's object is not pinned
+            size = len(raw)
         op = _new_op(SockoptOperation, self, buf, self._take_ud())
         return self._cmd_sock(op, _SOCKET_URING_OP_SETSOCKOPT, fd, level, optname, buf, size)  # type: ignore[no-any-return]
 

@@ -175,5 +175,6 @@ def pinned_bytes(pins: Any) -> int:
             continue
         # A pointer owns what it points to (a struct, var-sized ones included); arrays and
         # from_buffer views know their own size.
-        total += ffi.sizeof(item[0]) if ffi.typeof(item).kind == "pointer" else ffi.sizeof(item)
+        ctype = ffi.typeof(item)
+        total += ffi.sizeof(ctype.item) if ctype.kind == "pointer" else ffi.sizeof(item)
     return total

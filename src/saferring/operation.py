@@ -424,9 +424,13 @@ class SendZcOperation(IntOperation):
     releases the buffer, only with the notification.
     """
 
-    __slots__ = ("_sent",)
+    __slots__ = ("_kind_name", "_sent")
     kind = "send_zc"
     _sent: int | None
+    _kind_name: str  # "sendmsg_zc" for those
+
+    def _what(self) -> str:
+        return f"{getattr(self, '_kind_name', self.kind)}, user_data={self.user_data}"
 
     def _more(self, res: int, flags: int) -> None:
         self._sent = res
