@@ -564,16 +564,16 @@ def test_cancel_fd_first_only(ring: saferring.Ring, pipe: tuple[int, int]) -> No
         _assert_cancelled(rd)
 
 
-def test_cancel_any(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
-    """cancel_any answers 1 when something was in flight (it ends CANCELLED), 0 when nothing."""
+def test_cancel_all_with_one_in_flight(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
+    """cancel_all answers 1 with one request in flight (it ends CANCELLED), then 0 with none."""
     r, _w = pipe
     rd = ring.read(r, bytearray(4))
     ring.submit()
-    c = ring.cancel_any()
+    c = ring.cancel_all()
     _wait_done(ring, c, rd)
     assert c.result() == 1
     _assert_cancelled(rd)
-    assert ring.run(ring.cancel_any()) == 0  # nothing left in flight: found none
+    assert ring.run(ring.cancel_all()) == 0  # nothing left in flight: found none
 
 
 def test_cancel_all_keeps_pins_until_each_cqe(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
@@ -611,7 +611,7 @@ def test_cancel_requests_refused_inside_chain(ring: saferring.Ring, pipe: tuple[
     rd = ring.read(r, bytearray(4))
     ring.submit()
     with ring.chain():
-        for call in (ring.cancel_all, ring.cancel_any, lambda: ring.cancel_fd(r),
+        for call in (ring.cancel_all, lambda: ring.cancel_fd(r),
                      lambda: ring.async_cancel(rd), rd.cancel):
             with pytest.raises(OperationStateError):
                 call()

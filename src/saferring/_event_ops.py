@@ -23,6 +23,7 @@ from .errors import OperationStateError, UnsupportedOperationError, os_error
 from .features import OP, OPCODES, kernel_at_least
 from .fixed import FixedFile
 from .operation import (
+    SEQUENCE_MASK,
     UD_MESSAGE,
     CancelOperation,
     IntOperation,
@@ -53,7 +54,7 @@ _CANCEL_FD = 1 << 1
 _CANCEL_ANY = 1 << 2
 _CANCEL_FD_FIXED = 1 << 3
 _MAX_U32 = 0xFFFF_FFFF
-_MAX_MESSAGE = UD_MESSAGE - 1  # values ride in the user_data below the message tag
+_MAX_MESSAGE = SEQUENCE_MASK  # values ride in the user_data below both tags
 _FUTEX_SIZES = {1: 0, 2: 1, 4: FUTEX2_SIZE_U32, 8: 3}
 
 
@@ -181,7 +182,9 @@ class EventOps(OpsBase):
         target = self._target(op, (TimeoutOperation, TimeoutMultishotOperation,
                                    LinkTimeoutOperation), "timeout_update()")
         ts = _pinning.timespec(seconds)
-        flags = _LINK_TIMEOUT_UPDATE if isinstance(op, LinkTimeoutOperation) else _TIMEOUT_UPDATE
+        # The kernel takes the update path only with IORING_TIMEOUT_UPDATE; the link flag then
+        # says which kind of timeout to look for.
+        flags = _TIMEOUT_UPDATE | (_LINK_TIMEOUT_UPDATE if isinstance(op, LinkTimeoutOperation) else 0)
         if absolute:
             flags |= _TIMEOUT_ABS
         req = _new_op(TimeoutRemoveOperation, self, ts, self._take_ud())
@@ -223,11 +226,13 @@ class EventOps(OpsBase):
 
     # -- cancellation --------------------------------------------------------------------------
 
-    def _cancel_request(self, target: int, flags: int, fd: int = -1) -> CancelOperation:
+    def _cancel_request(self, target: int, flags: int, fd: int = -1,
+                        counting: bool = False) -> CancelOperation:
         self._require(OP["ASYNC_CANCEL"])
         if self._chain is not None:
             raise OperationStateError("a chain is open: close it before cancelling")
         req = _new_op(CancelOperation, self, None, self._take_ud())
+        req._counting = counting
         return self._queue_ext(req, OP["ASYNC_CANCEL"], fd, target, 0, 0, flags)  # type: ignore[no-any-return]
 
     @_exclusive
@@ -254,17 +259,15 @@ class EventOps(OpsBase):
         """
         fd, fixed = self._fd(fd)
         flags = _CANCEL_FD | (_CANCEL_ALL if all else 0) | (_CANCEL_FD_FIXED if fixed else 0)
-        return self._cancel_request(0, flags, fd)
-
-    @_exclusive
-    def cancel_any(self) -> CancelOperation:
-        """Queue a cancel of any one request in flight (Linux 5.19); the result is 1 or 0."""
-        return self._cancel_request(0, _CANCEL_ANY)
+        return self._cancel_request(0, flags, fd, counting=all)
 
     @_exclusive
     def cancel_all(self) -> CancelOperation:
-        """Queue a cancel of every request in flight (Linux 5.19); the result is how many."""
-        return self._cancel_request(0, _CANCEL_ANY | _CANCEL_ALL)
+        """Queue a cancel of every request in flight (Linux 5.19); the result is how many.
+
+        (This is the kernel's ``IORING_ASYNC_CANCEL_ANY``, which matches every request; there
+        is no "cancel just one of them".)"""
+        return self._cancel_request(0, _CANCEL_ANY | _CANCEL_ALL, counting=True)
 
     # -- chains ----------------------------------------------------------------------------
 
@@ -272,7 +275,8 @@ class EventOps(OpsBase):
         """A context manager: the operations queued inside ``with ring.chain():`` are linked.
 
         Each starts only once the previous one has completed; if one fails, the rest end
-        CANCELLED (``-ECANCELED``).  ``hard=True`` links with ``IOSQE_IO_HARDLINK``: the chain
+        CANCELLED (``-ECANCELED``).  For the kernel a short read, write, send or recv (fewer
+        bytes than asked) is a failure too.  ``hard=True`` links with ``IOSQE_IO_HARDLINK``: the chain
         goes on after failures, and only cancellation breaks it.  ``drain=True`` makes the chain
         wait for every request submitted before it (``IOSQE_IO_DRAIN``).  Nothing can be
         submitted or waited for while the chain is open.  See :mod:`saferring._chain`.

@@ -176,5 +176,10 @@ def pinned_bytes(pins: Any) -> int:
         # A pointer owns what it points to (a struct, var-sized ones included); arrays and
         # from_buffer views know their own size.
         ctype = ffi.typeof(item)
-        total += ffi.sizeof(ctype.item) if ctype.kind == "pointer" else ffi.sizeof(item)
+        if ctype.kind != "pointer":
+            total += ffi.sizeof(item)
+        elif ctype.item.kind == "struct":
+            total += ffi.sizeof(item[0])  # knows a var-sized struct's real length
+        else:
+            total += ffi.sizeof(ctype.item)  # item[0] of an int * is a Python int
     return total

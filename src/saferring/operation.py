@@ -168,7 +168,8 @@ class Operation(Generic[T]):
 
     def __repr__(self) -> str:
         res = "" if self._res is None else f" res={self._res}"
-        return f"<{type(self).__name__} {self.kind} user_data={self.user_data} {self.state.value}{res}>"
+        name = self._what().split(",", 1)[0]
+        return f"<{type(self).__name__} {name} user_data={self.user_data} {self.state.value}{res}>"
 
 
 class IntOperation(Operation[int]):
@@ -366,9 +367,10 @@ class CancelOperation(IntOperation):
     target ends with its own final CQE, which is what releases its buffers.
     """
 
-    __slots__ = ()
+    __slots__ = ("_counting",)
     kind = "async_cancel"
     _ok_errnos = frozenset({errno.ENOENT, errno.EALREADY})
+    _counting: bool  # IORING_ASYNC_CANCEL_ALL: the kernel's res is the count itself
 
     @property
     def already_running(self) -> bool:
@@ -380,7 +382,7 @@ class CancelOperation(IntOperation):
             return 0
         if res == -errno.EALREADY:
             return 1
-        return res if res > 0 else 1
+        return res if getattr(self, "_counting", False) else 1
 
 
 class PollOperation(IntOperation):
