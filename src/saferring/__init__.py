@@ -11,6 +11,8 @@ nothing, lives apart in :mod:`saferring.unsafe`.
 0
 """
 
+from . import constants
+from ._chain import Chain
 from ._state import OpState
 from ._version import __version__
 from .errors import (
@@ -25,18 +27,34 @@ from .errors import (
     WrongThreadError,
 )
 from .features import Features
-from .operation import BatchOperation, Operation, StatxResult
+from .fixed import FixedFile
+from .operation import (
+    BatchOperation,
+    CancelOperation,
+    MultishotOperation,
+    Operation,
+    ReceivedMessage,
+    RecvmsgResult,
+    StatxResult,
+    WaitidResult,
+)
 from .ring import Ring, RingStats
 
 __all__ = [
     "BatchOperation",
     "BufferBusyError",
+    "CancelOperation",
+    "Chain",
     "Features",
+    "FixedFile",
     "ForkedRingError",
+    "MultishotOperation",
     "OpState",
     "Operation",
     "OperationCancelledError",
     "OperationStateError",
+    "ReceivedMessage",
+    "RecvmsgResult",
     "Ring",
     "RingClosedError",
     "RingStats",
@@ -44,6 +62,8 @@ __all__ = [
     "StatxResult",
     "UnsupportedOperationError",
     "UnsupportedPlatformError",
+    "WaitidResult",
     "WrongThreadError",
     "__version__",
+    "constants",
 ]
