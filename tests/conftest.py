@@ -45,8 +45,7 @@ def ring() -> Iterator[saferring.Ring]:
         r.close()
 
 
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
+def _pipe() -> Iterator[tuple[int, int]]:
     r, w = os.pipe()
     yield r, w
     for fd in (r, w):
@@ -54,6 +53,17 @@ def pipe() -> Iterator[tuple[int, int]]:
             os.close(fd)
         except OSError:
             pass
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    yield from _pipe()
+
+
+@pytest.fixture
+def pipe2() -> Iterator[tuple[int, int]]:
+    """A second pipe, for tests that need two."""
+    yield from _pipe()
 
 
 @pytest.fixture

@@ -58,17 +58,6 @@ def _drained(*rings: saferring.Ring) -> Iterator[None]:
             _wait_done(ring, *pending)
 
 
-@pytest.fixture
-def pipe2() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 # -- polling ----------------------------------------------------------------------------------
 
 

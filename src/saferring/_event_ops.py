@@ -29,7 +29,6 @@ from .operation import (
     IntOperation,
     LinkTimeoutOperation,
     Operation,
-    PathOperation,
     PollMultishotOperation,
     PollOperation,
     PollRemoveOperation,
@@ -330,9 +329,7 @@ class EventOps(OpsBase):
         res = _pinning.index(res, "res")
         if not -(1 << 31) <= res < 1 << 31:
             raise ValueError(f"res must be a 32-bit signed int, got {res}")
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = "msg_ring"
-        op._path = op._path2 = None
+        op = self._plain_op("msg_ring", None)
         # addr = IORING_MSG_DATA (0); len carries res, off the target's user_data.
         return self._queue_ext(op, OP["MSG_RING"], fd, 0, res & _MAX_U32,  # type: ignore[no-any-return]
                                UD_MESSAGE | value)
@@ -397,9 +394,7 @@ class EventOps(OpsBase):
         if not 0 < mask < 1 << 64:
             raise ValueError(f"mask must be a non-zero 64-bit value, got {mask}")
         flags = _FUTEX_SIZES[size] | (FUTEX2_PRIVATE if private else 0)
-        op = _new_op(PathOperation, self, pin, self._take_ud())
-        op._label = OPCODES[opcode].name.lower()
-        op._path = op._path2 = None
+        op = self._plain_op(OPCODES[opcode].name.lower(), pin)
         return self._queue_ext(op, opcode, flags, address, 0, value, 0, addr3=mask)  # type: ignore[no-any-return]
 
     @_exclusive
@@ -414,9 +409,7 @@ class EventOps(OpsBase):
         if not 0 <= data < 1 << 64:
             raise ValueError(f"data must be a 64-bit unsigned int, got {data}")
         lib.sr_fill_epoll_event(event, _u32(events, "events"), data)
-        req = _new_op(PathOperation, self, event, self._take_ud())
-        req._label = "epoll_ctl"
-        req._path = req._path2 = None
+        req = self._plain_op("epoll_ctl", event)
         return self._queue_ext(req, OP["EPOLL_CTL"], epfd, addr_of(event),  # type: ignore[no-any-return]
                                _u32(op, "op"), fd)
 

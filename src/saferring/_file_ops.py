@@ -98,9 +98,7 @@ class FileOps(OpsBase):
         """
         self._require(OP["SYNC_FILE_RANGE"])
         fd, sqe_flags = self._fd(fd)
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = "sync_file_range"
-        op._path = op._path2 = None
+        op = self._plain_op("sync_file_range", None)
         return self._queue_ext(op, OP["SYNC_FILE_RANGE"], fd, 0, _u32(nbytes, "nbytes"),  # type: ignore[no-any-return]
                                _u64(offset, "offset"), _u32(flags, "flags"), sqe_flags)
 
@@ -109,9 +107,7 @@ class FileOps(OpsBase):
         """Queue a ``fallocate(fd, mode, offset, length)`` (``FALLOC_FL_*`` modes)."""
         self._require(OP["FALLOCATE"])
         fd, sqe_flags = self._fd(fd)
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = "fallocate"
-        op._path = op._path2 = None
+        op = self._plain_op("fallocate", None)
         # The ABI puts the length in addr and the mode in len.
         return self._queue_ext(op, OP["FALLOCATE"], fd, _u64(length, "length"),  # type: ignore[no-any-return]
                                _u32(mode, "mode"), _u64(offset, "offset"), sqe_flags=sqe_flags)
@@ -124,9 +120,7 @@ class FileOps(OpsBase):
         """
         self._require(OP["FADVISE"])
         fd, sqe_flags = self._fd(fd)
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = "fadvise"
-        op._path = op._path2 = None
+        op = self._plain_op("fadvise", None)
         return self._queue_ext(op, OP["FADVISE"], fd, 0, _u32(length, "length"),  # type: ignore[no-any-return]
                                _u64(offset, "offset"), _u32(advice, "advice"), sqe_flags)
 
@@ -158,9 +152,7 @@ class FileOps(OpsBase):
         if address % mmap.PAGESIZE:
             # The kernel rounds the range out to whole pages: they must all be the map's own.
             raise ValueError("the mmap's memory does not start on a page boundary")
-        op = _new_op(PathOperation, self, pin, self._take_ud())
-        op._label = "madvise"
-        op._path = op._path2 = None
+        op = self._plain_op("madvise", pin)
         return self._queue_ext(op, OP["MADVISE"], -1, address,  # type: ignore[no-any-return]
                                _u32(length, "length"), 0, advice)
 
@@ -229,9 +221,7 @@ class FileOps(OpsBase):
         """Queue an ``unlinkat`` (``rmdir=True``: remove a directory, as ``os.rmdir``)."""
         self._require(OP["UNLINKAT"])
         cpath = _pinning.path(path)
-        op = _new_op(PathOperation, self, cpath, self._take_ud())
-        op._label = "unlinkat"
-        op._path, op._path2 = path, None
+        op = self._plain_op("unlinkat", cpath, path)
         return self._queue_ext(op, OP["UNLINKAT"], _dir_fd(dir_fd), addr_of(cpath),  # type: ignore[no-any-return]
                                op_flags=_AT_REMOVEDIR if rmdir else 0)
 
@@ -241,9 +231,7 @@ class FileOps(OpsBase):
         """Queue a ``renameat2`` (``RENAME_*`` flags from :mod:`saferring.constants`)."""
         self._require(OP["RENAMEAT"])
         csrc, cdst = _pinning.path(src), _pinning.path(dst)
-        op = _new_op(PathOperation, self, (csrc, cdst), self._take_ud())
-        op._label = "renameat"
-        op._path, op._path2 = src, dst
+        op = self._plain_op("renameat", (csrc, cdst), src, dst)
         return self._queue_ext(op, OP["RENAMEAT"], _dir_fd(src_dir_fd), addr_of(csrc),  # type: ignore[no-any-return]
                                _dir_fd(dst_dir_fd) & _MAX_U32, addr_of(cdst),
                                _u32(flags, "flags"))
@@ -253,9 +241,7 @@ class FileOps(OpsBase):
         """Queue a ``mkdirat``."""
         self._require(OP["MKDIRAT"])
         cpath = _pinning.path(path)
-        op = _new_op(PathOperation, self, cpath, self._take_ud())
-        op._label = "mkdirat"
-        op._path, op._path2 = path, None
+        op = self._plain_op("mkdirat", cpath, path)
         return self._queue_ext(op, OP["MKDIRAT"], _dir_fd(dir_fd), addr_of(cpath),  # type: ignore[no-any-return]
                                _u32(mode, "mode"))
 
@@ -264,9 +250,7 @@ class FileOps(OpsBase):
         """Queue a ``symlinkat``: ``linkpath`` (relative to ``dir_fd``) will point to ``target``."""
         self._require(OP["SYMLINKAT"])
         ctarget, clink = _pinning.path(target), _pinning.path(linkpath)
-        op = _new_op(PathOperation, self, (ctarget, clink), self._take_ud())
-        op._label = "symlinkat"
-        op._path, op._path2 = target, linkpath
+        op = self._plain_op("symlinkat", (ctarget, clink), target, linkpath)
         return self._queue_ext(op, OP["SYMLINKAT"], _dir_fd(dir_fd), addr_of(ctarget),  # type: ignore[no-any-return]
                                0, addr_of(clink))
 
@@ -276,9 +260,7 @@ class FileOps(OpsBase):
         """Queue a ``linkat``: a new hard link ``dst`` to ``src``."""
         self._require(OP["LINKAT"])
         csrc, cdst = _pinning.path(src), _pinning.path(dst)
-        op = _new_op(PathOperation, self, (csrc, cdst), self._take_ud())
-        op._label = "linkat"
-        op._path, op._path2 = src, dst
+        op = self._plain_op("linkat", (csrc, cdst), src, dst)
         return self._queue_ext(op, OP["LINKAT"], _dir_fd(src_dir_fd), addr_of(csrc),  # type: ignore[no-any-return]
                                _dir_fd(dst_dir_fd) & _MAX_U32, addr_of(cdst),
                                _AT_SYMLINK_FOLLOW if follow_symlinks else 0)
@@ -288,9 +270,7 @@ class FileOps(OpsBase):
         """Queue an ``ftruncate`` of ``fd`` to ``length`` bytes (Linux 6.9)."""
         self._require(OP["FTRUNCATE"])
         fd, sqe_flags = self._fd(fd)
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = "ftruncate"
-        op._path = op._path2 = None
+        op = self._plain_op("ftruncate", None)
         return self._queue_ext(op, OP["FTRUNCATE"], fd, 0, 0, _u64(length, "length"),  # type: ignore[no-any-return]
                                sqe_flags=sqe_flags)
 
@@ -332,9 +312,7 @@ class FileOps(OpsBase):
         self._require(OP["FSETXATTR"])
         fd, sqe_flags = self._fd(fd)
         cname, pin = _name(name), _pinning.readable(value)
-        op = _new_op(PathOperation, self, (cname, pin), self._take_ud())
-        op._label = "fsetxattr"
-        op._path = op._path2 = None
+        op = self._plain_op("fsetxattr", (cname, pin))
         return self._queue_ext(op, OP["FSETXATTR"], fd, addr_of(cname), _xattr_size(len(pin)),  # type: ignore[no-any-return]
                                addr_of(pin), _u32(flags, "flags"), sqe_flags)
 
@@ -343,9 +321,7 @@ class FileOps(OpsBase):
         """Queue a ``setxattr`` of ``path``."""
         self._require(OP["SETXATTR"])
         cpath, cname, pin = _pinning.path(path), _name(name), _pinning.readable(value)
-        op = _new_op(PathOperation, self, (cpath, cname, pin), self._take_ud())
-        op._label = "setxattr"
-        op._path, op._path2 = path, None
+        op = self._plain_op("setxattr", (cpath, cname, pin), path)
         return self._queue_ext(op, OP["SETXATTR"], 0, addr_of(cname), _xattr_size(len(pin)),  # type: ignore[no-any-return]
                                addr_of(pin), _u32(flags, "flags"), addr3=addr_of(cpath))
 
@@ -380,9 +356,7 @@ class FileOps(OpsBase):
         for name, value in (("offset_in", offset_in), ("offset_out", offset_out)):
             if not -1 <= _pinning.index(value, name) < 1 << 63:
                 raise ValueError(f"{name} must be >= 0, or -1 for none/the file position")
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = OPCODES[opcode].name.lower()
-        op._path = op._path2 = None
+        op = self._plain_op(OPCODES[opcode].name.lower(), None)
         # splice_off_in shares the addr field; splice_fd_in the file_index field.
         return self._queue_ext(op, opcode, out_fd, offset_in & 0xFFFF_FFFF_FFFF_FFFF,  # type: ignore[no-any-return]
                                _u32(nbytes, "nbytes"), offset_out, flags, sqe_flags,

@@ -103,9 +103,7 @@ class NetOps(OpsBase):
         self._require(OP["CONNECT"])
         fd, fixed = self._fd(fd)
         addr, length = self._address(fd, fixed, address)
-        op = _new_op(PathOperation, self, addr, self._take_ud())
-        op._label = "connect"
-        op._path = op._path2 = None
+        op = self._plain_op("connect", addr)
         return self._queue_ext(op, OP["CONNECT"], fd, addr_of(addr), 0, length,  # type: ignore[no-any-return]
                                sqe_flags=fixed)
 
@@ -115,9 +113,7 @@ class NetOps(OpsBase):
         self._require(OP["BIND"])
         fd, fixed = self._fd(fd)
         addr, length = self._address(fd, fixed, address)
-        op = _new_op(PathOperation, self, addr, self._take_ud())
-        op._label = "bind"
-        op._path = op._path2 = None
+        op = self._plain_op("bind", addr)
         return self._queue_ext(op, OP["BIND"], fd, addr_of(addr), 0, length,  # type: ignore[no-any-return]
                                sqe_flags=fixed)
 
@@ -126,9 +122,7 @@ class NetOps(OpsBase):
         """Queue a ``listen`` (Linux 6.11)."""
         self._require(OP["LISTEN"])
         fd, fixed = self._fd(fd)
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = "listen"
-        op._path = op._path2 = None
+        op = self._plain_op("listen", None)
         return self._queue_ext(op, OP["LISTEN"], fd, 0, _flags(backlog, "backlog"),  # type: ignore[no-any-return]
                                sqe_flags=fixed)
 
@@ -185,9 +179,7 @@ class NetOps(OpsBase):
         """Queue a ``shutdown`` (``_socket.SHUT_RD``/``SHUT_WR``/``SHUT_RDWR``)."""
         self._require(OP["SHUTDOWN"])
         fd, fixed = self._fd(fd)
-        op = _new_op(PathOperation, self, None, self._take_ud())
-        op._label = "shutdown"
-        op._path = op._path2 = None
+        op = self._plain_op("shutdown", None)
         return self._queue_ext(op, OP["SHUTDOWN"], fd, 0, _flags(how, "how"),  # type: ignore[no-any-return]
                                sqe_flags=fixed)
 
@@ -199,9 +191,7 @@ class NetOps(OpsBase):
         self._require(OP["SEND"])
         fd, fixed = self._fd(fd)
         pin = _pinning.readable(data)
-        op = _new_op(PathOperation, self, pin, self._take_ud())
-        op._label = "send"
-        op._path = op._path2 = None
+        op = self._plain_op("send", pin)
         return self._queue_ext(op, OP["SEND"], fd, addr_of(pin), _pinning.check_len(len(pin)),  # type: ignore[no-any-return]
                                0, _flags(flags), fixed)
 
@@ -211,9 +201,7 @@ class NetOps(OpsBase):
         self._require(OP["RECV"])
         fd, fixed = self._fd(fd)
         pin = _pinning.writable(buffer)
-        op = _new_op(PathOperation, self, pin, self._take_ud())
-        op._label = "recv"
-        op._path = op._path2 = None
+        op = self._plain_op("recv", pin)
         return self._queue_ext(op, OP["RECV"], fd, addr_of(pin), _pinning.check_len(len(pin)),  # type: ignore[no-any-return]
                                0, _flags(flags), fixed)
 
@@ -334,17 +322,8 @@ class NetOps(OpsBase):
                 "socket commands (getsockopt/setsockopt/siocinq/siocoutq through io_uring) are "
                 "not supported by this kernel; they came in Linux 6.7")
         fd, fixed = self._fd(fd)
-        ud = op._ud
-        self._registry[ud] = op
-        try:
-            args = (self._c, ud, cmd, fd, _flags(level, "level"), _flags(optname, "optname"),
-                    addr_of(optval), optlen, fixed)
-            rc = lib.sr_prep_cmd_sock(*args)
-            if rc < 0:
-                self._prep_retry(ud, rc, lib.sr_prep_cmd_sock, *args)
-        except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
-            raise self._unregister_if_unprepared(ud, exc) from None
-        return op
+        return self._queue_with(op, lib.sr_prep_cmd_sock, cmd, fd, _flags(level, "level"),
+                                _flags(optname, "optname"), addr_of(optval), optlen, fixed)
 
     @_exclusive
     def getsockopt(self, fd: Any, level: int, optname: int, buflen: int = 4) -> SockoptOperation:

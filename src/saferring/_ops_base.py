@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._binding import ffi
+from .operation import PathOperation, new_operation
 
 if TYPE_CHECKING:
     from ._chain import Chain
@@ -48,5 +49,15 @@ class OpsBase:
                        off: int = 0, op_flags: int = 0, sqe_flags: int = 0, ioprio: int = 0,
                        buf_index: int = 0, file_index: int = 0, addr3: int = 0) -> Any: ...
         def _unregister_if_unprepared(self, ud: int, exc: BaseException) -> BaseException: ...
+        def _queue_with(self, op: Any, prep: Any, *args: Any) -> Any: ...
         def _prep_retry(self, ud: int, rc: int, prep: Any, *args: Any) -> None: ...
         def _direct_slot(self, slot: int | None) -> tuple[int, int]: ...
+
+    def _plain_op(self, label: str, pins: Any, path: Any = None, path2: Any = None) -> PathOperation:
+        """A new operation whose result is the CQE's ``res`` and whose errors name ``label``
+        (and the paths, like the ``os`` module's), registered under a fresh user_data."""
+        op = new_operation(PathOperation, self, pins, self._take_ud())
+        op._label = label
+        op._path = path
+        op._path2 = path2
+        return op

@@ -299,8 +299,10 @@ class AcceptOperation(Operation[tuple[int, Any]]):
 
 
 class PathOperation(IntOperation):
-    """A filesystem operation on paths (``unlinkat``, ``renameat``, ``mkdirat``...): the result is
-    0, errors carry the path(s) as ``filename``/``filename2`` like the ``os`` module's."""
+    """An operation whose result is the CQE's ``res`` (0, or a byte count), used by many opcodes
+    (``unlinkat``, ``fallocate``, ``connect``, ``send``...).  Errors name the operation and, for
+    filesystem operations, carry the path(s) as ``filename``/``filename2`` like the ``os``
+    module's."""
 
     __slots__ = ("_label", "_path", "_path2")
     _path: Any

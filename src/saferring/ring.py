@@ -467,30 +467,25 @@ class Ring(FileOps, NetOps, EventOps, Registration):
     def _queue(self, op: Any, opcode: int, fd: int, addr: Any, length: int, off: int,
                op_flags: int) -> Any:
         """Register ``op`` and write its SQE (the generic path: one C call)."""
-        ud = op.user_data
-        self._registry[ud] = op
-        try:
-            rc = lib.sr_prep(self._c, ud, opcode, fd, addr, length, off, op_flags, 0)
-            if rc < 0:
-                self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, opcode, fd, addr, length,
-                                 off, op_flags, 0)
-        except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
-            raise self._unregister_if_unprepared(ud, exc) from None
-        return op
+        return self._queue_with(op, lib.sr_prep, opcode, fd, addr, length, off, op_flags, 0)
 
     def _queue_ext(self, op: Any, opcode: int, fd: int = -1, addr: int = 0, length: int = 0,
                    off: int = 0, op_flags: int = 0, sqe_flags: int = 0, ioprio: int = 0,
                    buf_index: int = 0, file_index: int = 0, addr3: int = 0) -> Any:
         """Register ``op`` and write its SQE with every field given (addresses as ints, which
         the caller keeps alive through the operation's pins)."""
+        return self._queue_with(op, lib.sr_prep_ext, opcode, fd, addr, length, off & _M64,
+                                op_flags, sqe_flags, ioprio, buf_index, file_index, addr3, 0)
+
+    def _queue_with(self, op: Any, prep: Any, *args: Any) -> Any:
+        """Register ``op``, then have ``prep(c, user_data, *args)`` write its SQE (retried
+        after reaping while the SQ is full); undo the registration if no SQE was written."""
         ud = op._ud
         self._registry[ud] = op
         try:
-            args = (self._c, ud, opcode, fd, addr, length, off & _M64, op_flags, sqe_flags,
-                    ioprio, buf_index, file_index, addr3, 0)
-            rc = lib.sr_prep_ext(*args)
+            rc = prep(self._c, ud, *args)
             if rc < 0:
-                self._prep_retry(ud, rc, lib.sr_prep_ext, *args)
+                self._prep_retry(ud, rc, prep, self._c, ud, *args)
         except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
             raise self._unregister_if_unprepared(ud, exc) from None
         return op
