@@ -953,3 +953,64 @@ def test_unsupported_opcodes_of_this_kernel_raise_naming_op_and_version(
                                    rf"{name}.*Linux {version}")
     if not missing:
         pytest.skip(f"kernel {ring.features.kernel_release} supports every op used here")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop and regain credentials")
+def test_personality_block_runs_requests_with_registered_credentials(tmp_path: Any) -> None:
+    """Inside `with ring.personality(id):` requests run with the credentials registered as id: after
+    dropping to nobody, a root-only file opens only inside the block; an unknown id fails EINVAL,
+    and the id in use cannot be unregistered."""
+    os.chmod(tmp_path, 0o755)
+    secret = os.path.join(tmp_path, "secret")
+    with open(secret, "w") as f:
+        f.write("root only")
+    os.chmod(secret, 0o600)
+    out = run_isolated(f"""
+        import os, saferring
+        with saferring.Ring() as ring:
+            pid = ring.register_personality()
+            os.setresuid(65534, 65534, 0)
+            try:
+                try:
+                    ring.run(ring.openat({secret!r}))
+                    print("opened without personality")
+                except PermissionError:
+                    print("denied without personality")
+                with ring.personality(pid):
+                    op = ring.openat({secret!r})
+                fd = ring.run(op)
+                print("read", os.read(fd, 20).decode()); os.close(fd)
+                with ring.personality(pid):
+                    try:
+                        ring.unregister_personality(pid)
+                    except saferring.OperationStateError:
+                        print("in use: refused")
+                    try:
+                        with ring.personality(pid):
+                            pass
+                    except saferring.OperationStateError:
+                        print("no nesting")
+                with ring.personality(4242):
+                    nop = ring.nop()
+                try:
+                    ring.run(nop)
+                except OSError as exc:
+                    print("unknown id errno", exc.errno)
+                ring.unregister_personality(pid)
+            finally:
+                os.setresuid(0, 0, 0)
+    """, timeout=60)
+    assert out.split("\n")[:5] == ["denied without personality", "read root only", "in use: refused",
+                                   "no nesting", f"unknown id errno {errno.EINVAL}"], out
+
+
+def test_personality_bad_ids(ring: saferring.Ring) -> None:
+    """personality() takes ids 1..65535 (TypeError for a non-int), and nothing is queued."""
+    for bad in (0, -1, 1 << 16):
+        with pytest.raises(ValueError):
+            with ring.personality(bad):
+                pass
+    with pytest.raises(TypeError):
+        with ring.personality("1"):  # type: ignore[arg-type]
+            pass
+    assert ring.stats().in_flight == 0

@@ -7,6 +7,8 @@ owner-thread guard, and every kernel error is raised as the matching ``OSError``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from . import _pinning
@@ -154,9 +156,34 @@ class Registration(OpsBase):
 
     @_exclusive
     def unregister_personality(self, personality: int) -> None:
-        """Unregister a personality id."""
-        _check(lib.sr_unregister_personality(self._c, _pinning.index(personality, "personality")),
-               "unregister_personality")
+        """Unregister a personality id (refused while a ``with ring.personality(id):`` block
+        uses it)."""
+        personality = _pinning.index(personality, "personality")
+        if personality and int(self._c.personality) == personality:
+            raise OperationStateError(f"personality {personality} is in use by a "
+                                      "`with ring.personality()` block")
+        _check(lib.sr_unregister_personality(self._c, personality), "unregister_personality")
+
+    @contextlib.contextmanager
+    def personality(self, personality: int) -> Iterator[None]:
+        """A context manager: the requests queued inside run with the credentials registered as
+        ``personality`` (:meth:`register_personality`), not the caller's.  An id the kernel does
+        not know makes each of them fail with ``EINVAL``.  Blocks do not nest."""
+        personality = _pinning.index(personality, "personality")
+        if not 1 <= personality <= 0xFFFF:
+            raise ValueError(f"a personality id is between 1 and 65535, got {personality}")
+        self._set_personality(personality)
+        try:
+            yield
+        finally:
+            if not self._closed:  # type: ignore[attr-defined]
+                self._set_personality(0)
+
+    @_exclusive
+    def _set_personality(self, personality: int) -> None:
+        if personality and int(self._c.personality):
+            raise OperationStateError("a `with ring.personality()` block is already open")
+        self._c.personality = personality
 
     @_exclusive
     def iowq_max_workers(self, bounded: int = 0, unbounded: int = 0) -> tuple[int, int]:

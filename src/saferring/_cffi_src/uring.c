@@ -146,6 +146,7 @@ typedef struct {
     unsigned chain_drain; /* IOSQE_IO_DRAIN for the chain's first SQE */
     struct io_uring_sqe *last_sqe; /* the newest SQE written, for link_timeout and chains */
     uint64_t last_ud;
+    unsigned personality; /* registered credentials every new SQE runs with (0: the caller's) */
 } sr_ring;
 
 /* 0 if the ring may be driven from here; -EBADF once torn down, -ECHILD in a forked child. */
@@ -332,6 +333,8 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err, int kind)
 static inline void sr_finish_sqe(sr_ring *r, struct io_uring_sqe *sqe, uint64_t ud, uint64_t owner)
 {
     sqe->user_data = ud;
+    if (r->personality)
+        sqe->personality = (uint16_t)r->personality;
     if (r->chain_flags) {
         sqe->flags |= (uint8_t)r->chain_flags;
         if (r->chain_len++ == 0)
@@ -525,6 +528,7 @@ int sr_prep_cancel(sr_ring *r, uint64_t ud, uint64_t target, unsigned cancel_fla
     sqe->addr = target;
     sqe->cancel_flags = cancel_flags;
     sr_finish_sqe(r, sqe, ud, ud);
+    sqe->personality = 0; /* close() depends on these: never on credentials that may be gone */
     return 0;
 }
 

@@ -110,6 +110,7 @@ typedef struct {
     uint64_t n_prepared;    /* SQEs prepared, all time */
     unsigned n_flagged;     /* CQEs of the last sr_reap that must be read with their flags */
     unsigned chain_flags;   /* the link flag while a chain is open, else 0 */
+    unsigned personality;   /* registered credentials new SQEs run with (0: the caller's) */
     ...;
 } sr_ring;
 
