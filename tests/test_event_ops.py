@@ -931,14 +931,22 @@ def test_msg_ring_bad_input(ring: saferring.Ring) -> None:
 
 
 def test_msg_ring_to_non_ring_fd_fails(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
-    """A target descriptor that is not a ring fails in the kernel (EBADFD)."""
+    """A target descriptor that is not an open saferring ring of this process (a pipe, an
+    io_uring saferring does not own) raises ValueError before anything is queued."""
     _needs_msg_ring(ring)
     _r, w = pipe
-    op = ring.msg_ring(w, 1)
-    with pytest.raises(OSError) as info:
-        ring.run(op)
-    assert info.value.errno == errno.EBADFD
-    assert op.state is OpState.FAILED
+    with pytest.raises(ValueError, match="not an open saferring Ring"):
+        ring.msg_ring(w, 1)
+    from saferring.unsafe import ffi, lib
+
+    foreign = ffi.new("struct io_uring *")
+    assert lib.io_uring_queue_init(4, foreign, 0) == 0
+    try:
+        with pytest.raises(ValueError, match="not an open saferring Ring"):
+            ring.msg_ring(foreign.ring_fd, 1)
+    finally:
+        lib.io_uring_queue_exit(foreign)
+    assert ring.stats().in_flight == 0
 
 
 def test_msg_value_equal_to_user_data_does_not_complete_op(ring: saferring.Ring,
@@ -1122,3 +1130,18 @@ def test_epoll_ctl_bad_input(ring: saferring.Ring, pipe: tuple[int, int]) -> Non
         ring.run(ring.epoll_ctl(r, EPOLL_CTL_ADD, w, select.EPOLLIN))
     assert info.value.errno == errno.EINVAL
 
+
+
+def test_epoll_ctl_refuses_fixed_files(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
+    """epoll_ctl has no registered-file form: a FixedFile is refused (TypeError), not taken for
+    the descriptor with its slot number."""
+    r, _w = pipe
+    (fixed,) = ring.register_files([r])
+    ep = select.epoll()
+    try:
+        with pytest.raises(TypeError, match="FixedFile"):
+            ring.epoll_ctl(ep.fileno(), EPOLL_CTL_ADD, fixed, select.EPOLLIN)
+        assert ring.stats().in_flight == 0
+    finally:
+        ep.close()
+        ring.unregister_files()

@@ -1007,10 +1007,32 @@ def test_personality_block_runs_requests_with_registered_credentials(tmp_path: A
 def test_personality_bad_ids(ring: saferring.Ring) -> None:
     """personality() takes ids 1..65535 (TypeError for a non-int), and nothing is queued."""
     for bad in (0, -1, 1 << 16):
-        with pytest.raises(ValueError):
-            with ring.personality(bad):
-                pass
-    with pytest.raises(TypeError):
-        with ring.personality("1"):  # type: ignore[arg-type]
+        with pytest.raises(ValueError), ring.personality(bad):
             pass
+    with pytest.raises(TypeError), ring.personality("1"):  # type: ignore[arg-type]
+        pass
     assert ring.stats().in_flight == 0
+
+
+def test_ring_with_registered_fd_finalised_on_another_thread_leaves_others_alone() -> None:
+    """A ring whose descriptor was registered by thread T1 and which is garbage-collected on
+    thread T2 must not enter or unregister through T2's registered-ring table (where T2's own
+    ring sits at the same offset): T2's ring keeps working."""
+    out = run_isolated("""
+        import gc, queue, threading, saferring
+        q = queue.Queue()
+        def t1():
+            r1 = saferring.Ring()
+            r1.register_ring_fd()
+            r1.nop()  # in flight: the finaliser must drain it
+            q.put(r1)
+        th = threading.Thread(target=t1); th.start(); th.join()
+        r1 = q.get()
+        r2 = saferring.Ring()
+        r2.register_ring_fd()
+        print("before", r2.run(r2.nop()))
+        del r1; gc.collect()
+        print("after", r2.run(r2.nop()))
+        r2.close()
+    """, timeout=60)
+    assert out.split() == ["before", "0", "after", "0"], out

@@ -1141,3 +1141,121 @@ def test_unsent_ops_pin_their_memory(ring: saferring.Ring,
     assert res.nbytes == 4 and buf[:4] == b"done"
     assert ring.stats().pinned_bytes == 0
     buf.extend(b"x")
+
+
+_MSG_ZEROCOPY = 0x4000000
+_MSG_CMSG_COMPAT = 0x80000000
+
+
+def test_memory_changing_msg_flags_refused(ring: saferring.Ring,
+                                           tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    """Flags that change how the kernel uses memory are refused before submission: MSG_ZEROCOPY
+    on plain sends (the buffer would be read after its only CQE; send_zc is the safe form) and
+    MSG_CMSG_COMPAT on recvmsg (the kernel would write a 32-bit msghdr over the 64-bit one)."""
+    client, server = tcp_pair
+    client.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_ZEROCOPY", 60), 1)
+    data = bytearray(b"A" * 4096)
+    attempts: list[Callable[[], object]] = [
+        lambda: ring.send(client, data, _MSG_ZEROCOPY),
+        lambda: ring.sendmsg(client, [data], flags=_MSG_ZEROCOPY),
+        lambda: ring.send_zc(client, data, _MSG_ZEROCOPY),
+        lambda: ring.recvmsg(server, [bytearray(8)], flags=_MSG_CMSG_COMPAT),
+        lambda: ring.recv(server, bytearray(8), _MSG_CMSG_COMPAT),
+    ]
+    if ring.features.supports("SENDMSG_ZC"):
+        attempts.append(lambda: ring.sendmsg_zc(client, [data], flags=_MSG_ZEROCOPY))
+    for attempt in attempts:
+        with pytest.raises(ValueError, match="flags"):
+            attempt()
+    assert ring.stats().in_flight == 0 and ring.submit() == 0
+    data.extend(b"x")  # nothing holds an export of it
+
+
+def test_recvmsg_keeps_allowed_flags(ring: saferring.Ring,
+                                     unix_pair: tuple[socket.socket, socket.socket]) -> None:
+    """recvmsg still takes the flags it should (MSG_PEEK, MSG_CMSG_CLOEXEC): the data is peeked."""
+    a, b = unix_pair
+    a.sendall(b"peek")
+    buf = bytearray(4)
+    res = _run(ring, ring.recvmsg(b, [buf], flags=socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC))
+    assert res.nbytes == 4 and buf == b"peek"
+    assert b.recv(4) == b"peek"
+
+
+def test_stats_with_empty_message(ring: saferring.Ring,
+                                  unix_pair: tuple[socket.socket, socket.socket]) -> None:
+    """A sendmsg/recvmsg with no data buffers can be queued and counted by stats() (it pins the
+    msghdr, name and control buffers only), and ends normally."""
+    a, b = unix_pair
+    recv = ring.recvmsg(b, [], 64)
+    send = ring.sendmsg(a, [])
+    stats = ring.stats()
+    assert stats.in_flight == 2 and stats.pinned_bytes > 0
+    assert _run(ring, send) == 0
+    a.sendall(b"x")  # wakes the empty recvmsg (it takes nothing)
+    assert _run(ring, recv).nbytes == 0
+    assert b.recv(1) == b"x"
+
+
+def _fill_peer_window(tx: socket.socket) -> None:
+    """Send until the peer's receive window is full while the send buffer still has room, so
+    that a later send is queued in the socket, not sent and not blocked."""
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    tx.setblocking(False)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            tx.send(b"f" * 4096)
+        except BlockingIOError:
+            break
+        unsent = struct.unpack("i", fcntl.ioctl(tx.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        if unsent > 0:
+            time.sleep(0.05)
+            break
+    tx.setblocking(True)
+
+
+def test_close_timeout_with_stuck_zero_copy_send() -> None:
+    """A zero-copy send whose data the peer never reads keeps its buffer until the socket goes:
+    close(timeout) raises TimeoutError and leaves the ring open and consistent; after the socket
+    is closed, close() finishes and releases the buffer."""
+    ring = saferring.Ring(8)
+    if not ring.features.supports("SEND_ZC"):
+        ring.close()
+        pytest.skip("no SEND_ZC on this kernel")
+    with _listener() as lst:
+        rx = socket.socket()
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        rx.connect(lst.getsockname())
+        tx, _ = lst.accept()
+    try:
+        _fill_peer_window(tx)
+        data = bytearray(65536)
+        op = ring.send_zc(tx, data)
+        ring.submit()
+        with pytest.raises(TimeoutError):
+            ring.close(timeout=0.3)
+        assert not ring.closed and not op.done()
+        assert ring.stats().pinned_bytes >= 65536
+        with pytest.raises(BufferError):
+            data.extend(b"x")
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rx.close()
+        tx.close()
+        ring.close(timeout=10)
+        assert ring.closed and op.done()
+        data.extend(b"x")
+    finally:
+        for s in (rx, tx):
+            s.close()
+        ring.close()
+
+
+def test_close_timeout_validated(ring: saferring.Ring) -> None:
+    """close(timeout) takes a non-negative number; a huge one means no limit."""
+    with pytest.raises(ValueError):
+        ring.close(timeout=-1)
+    assert not ring.closed
+    ring.run(ring.nop())
+    ring.close(timeout=1e300)
+    assert ring.closed

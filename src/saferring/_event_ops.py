@@ -306,7 +306,9 @@ class EventOps(OpsBase):
     @_exclusive
     def msg_ring(self, target: Any, value: int, res: int = 0) -> IntOperation:
         """Queue a ``MSG_RING``: post a completion carrying ``value`` and ``res`` to ``target``
-        (another :class:`~saferring.Ring`, or its ``fd``; Linux 5.18).
+        (a :class:`~saferring.Ring` of this process, or its ``fd``; Linux 5.18).  Any other
+        descriptor raises ``ValueError``: a ring saferring does not own might read the posted
+        user_data as a pointer.
 
         The target's :meth:`~saferring.Ring.wait` returns it as a
         :class:`~saferring.operation.ReceivedMessage`.  ``value`` is 0 to 2**61-1 (it travels in
@@ -314,15 +316,21 @@ class EventOps(OpsBase):
         operation's result is 0.
         """
         self._require(OP["MSG_RING"])
-        if hasattr(target, "_c") and hasattr(target, "_registry"):
-            if target._closed:
-                raise OperationStateError("the target ring is closed")
-            fd = int(target._c.ring.ring_fd)
-        elif isinstance(target, FixedFile):
-            fd, _ = self._fd(target)
+        # Only saferring rings of this process: another io_uring user might take the posted
+        # user_data for a pointer of its own.
+        from .ring import Ring, _live_rings
+
+        if isinstance(target, FixedFile):
             raise TypeError("msg_ring() targets a Ring or a ring's descriptor, not a FixedFile")
-        else:
+        if not isinstance(target, Ring):
             fd = _pinning.index(target, "target")
+            found = [r for r in list(_live_rings) if not r._closed and r._c.ring.ring_fd == fd]
+            if not found:
+                raise ValueError(f"descriptor {fd} is not an open saferring Ring of this process")
+            target = found[0]
+        if target._closed:
+            raise OperationStateError("the target ring is closed")
+        fd = int(target._c.ring.ring_fd)
         value = _pinning.index(value, "value")
         if not 0 <= value <= _MAX_MESSAGE:
             raise ValueError(f"value must be between 0 and 2**61-1, got {value}")
@@ -402,6 +410,9 @@ class EventOps(OpsBase):
         """Queue an ``epoll_ctl(epfd, op, fd, {events, data})`` (``EPOLL_CTL_*`` from
         :mod:`saferring.constants`; ``data`` defaults to 0, not the fd)."""
         self._require(OP["EPOLL_CTL"])
+        if isinstance(epfd, FixedFile) or isinstance(fd, FixedFile):
+            raise TypeError("epoll_ctl() takes descriptors, not FixedFile handles (the kernel "
+                            "has no registered-file form of it)")
         epfd, _ = self._fd(epfd)
         fd, _ = self._fd(fd)
         event = ffi.new("char[]", lib.SR_EPOLL_EVENT_SIZE)

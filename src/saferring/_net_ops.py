@@ -43,6 +43,27 @@ _SOCKET_URING_OP_GETSOCKOPT = 2
 _SOCKET_URING_OP_SETSOCKOPT = 3
 
 
+# MSG_* flags each call takes.  An allow-list, because some flags change what the kernel does
+# with memory: MSG_ZEROCOPY makes a plain send keep reading the buffer after its only CQE (the
+# pin would be gone: use send_zc), and MSG_CMSG_COMPAT makes recvmsg write the msghdr in the
+# 32-bit layout, over the pointers saferring later reads.
+# (Plain ints: socket.MSG_* are IntFlag members, whose ~ only spans the flags Python knows.)
+_MSG_SEND = int(_socket.MSG_OOB | _socket.MSG_DONTROUTE | _socket.MSG_DONTWAIT | _socket.MSG_EOR
+                | _socket.MSG_NOSIGNAL | _socket.MSG_MORE | _socket.MSG_CONFIRM)
+_MSG_SENDMSG = _MSG_SEND | int(getattr(_socket, "MSG_FASTOPEN", 0x20000000))
+_MSG_RECV = int(_socket.MSG_OOB | _socket.MSG_PEEK | _socket.MSG_DONTWAIT | _socket.MSG_WAITALL
+                | _socket.MSG_TRUNC)
+_MSG_RECVMSG = _MSG_RECV | int(_socket.MSG_ERRQUEUE | _socket.MSG_CMSG_CLOEXEC)
+
+
+def _msg_flags(value: Any, allowed: int, what: str) -> int:
+    flags = _flags(value)
+    if flags & ~allowed:
+        raise ValueError(f"{what} does not take the flags {flags & ~allowed:#x} (allowed: the "
+                         f"MSG_* flags {allowed:#x}; for MSG_ZEROCOPY use send_zc/sendmsg_zc)")
+    return flags
+
+
 def _flags(value: Any, name: str = "flags") -> int:
     number = _pinning.index(value, name)
     if not 0 <= number <= _MAX_U32:
@@ -191,9 +212,10 @@ class NetOps(OpsBase):
         self._require(OP["SEND"])
         fd, fixed = self._fd(fd)
         pin = _pinning.readable(data)
+        flags = _msg_flags(flags, _MSG_SEND, "send()")
         op = self._plain_op("send", pin)
         return self._queue_ext(op, OP["SEND"], fd, addr_of(pin), _pinning.check_len(len(pin)),  # type: ignore[no-any-return]
-                               0, _flags(flags), fixed)
+                               0, flags, fixed)
 
     @_exclusive
     def recv(self, fd: Any, buffer: Any, flags: int = 0) -> IntOperation:
@@ -201,18 +223,20 @@ class NetOps(OpsBase):
         self._require(OP["RECV"])
         fd, fixed = self._fd(fd)
         pin = _pinning.writable(buffer)
+        flags = _msg_flags(flags, _MSG_RECV, "recv()")
         op = self._plain_op("recv", pin)
         return self._queue_ext(op, OP["RECV"], fd, addr_of(pin), _pinning.check_len(len(pin)),  # type: ignore[no-any-return]
-                               0, _flags(flags), fixed)
+                               0, flags, fixed)
 
     def _msghdr(self, fd: int, fixed: int, buffers: Any, pin: Any, address: Any,
                 control: bytes | int) -> tuple[Any, list[Any]]:
         """A pinned msghdr and everything it points to (returned as the pin list)."""
-        vec, bufs = _pinning.iovecs(buffers, pin) if buffers else (ffi.NULL, [])
+        vec, bufs = _pinning.iovecs(buffers, pin) if buffers else (None, [])
         msg = ffi.new("struct msghdr *")
         pins: list[Any] = [msg, vec, bufs]
-        msg.msg_iov = vec
-        msg.msg_iovlen = len(bufs)
+        if vec is not None:
+            msg.msg_iov = vec
+            msg.msg_iovlen = len(bufs)
         if isinstance(address, int):  # recvmsg: room for the sender's address
             name = ffi.new("char[]", address)
             msg.msg_name, msg.msg_namelen = name, address
@@ -260,7 +284,7 @@ class NetOps(OpsBase):
     def _sendmsg(self, opcode: int, cls: Any, fd: Any, buffers: Any, ancdata: Any, flags: int,
                  address: Any) -> Any:
         fd, fixed = self._fd(fd)
-        flags = _flags(flags)
+        flags = _msg_flags(flags, _MSG_SENDMSG, f"{OPCODES[opcode].name.lower()}()")
         msg, pins = self._msghdr(fd, fixed, buffers, _pinning.readable, address,
                                  _sockaddr.encode_cmsgs(ancdata))
         ud = self._take_flagged_ud() if cls is SendZcOperation else self._take_ud()
@@ -287,9 +311,10 @@ class NetOps(OpsBase):
             raise ValueError(f"ancbufsize must be between 0 and 1 MiB, got {ancbufsize}")
         msg, pins = self._msghdr(fd, fixed, buffers, _pinning.writable,
                                  _sockaddr.SOCKADDR_STORAGE_SIZE, ancbufsize)
+        flags = _msg_flags(flags, _MSG_RECVMSG, "recvmsg()")
         op = _new_op(RecvmsgOperation, self, pins, self._take_ud())
-        op._msg, op._keep = msg, pins[3:]  # the name and control buffers
-        return self._queue_ext(op, OP["RECVMSG"], fd, addr_of(msg), 1, 0, _flags(flags),  # type: ignore[no-any-return]
+        op._msg, op._name, op._control = msg, pins[3], pins[4] if ancbufsize else None
+        return self._queue_ext(op, OP["RECVMSG"], fd, addr_of(msg), 1, 0, flags,  # type: ignore[no-any-return]
                                fixed)
 
     @_exclusive
@@ -308,9 +333,10 @@ class NetOps(OpsBase):
             name, length = self._address(fd, fixed, address)
             pins.append(name)
             dest, dest_len = addr_of(name), lib.sr_addr_len_word(length)
+        flags = _msg_flags(flags, _MSG_SEND, "send_zc()")
         op = _new_op(SendZcOperation, self, pins, self._take_flagged_ud())
         return self._queue_ext(op, OP["SEND_ZC"], fd, addr_of(pin),  # type: ignore[no-any-return]
-                               _pinning.check_len(len(pin)), dest, _flags(flags), fixed,
+                               _pinning.check_len(len(pin)), dest, flags, fixed,
                                file_index=dest_len)
 
     # -- socket commands (IORING_OP_URING_CMD on sockets, Linux 6.7) -------------------------

@@ -176,6 +176,8 @@ def pinned_bytes(pins: Any) -> int:
         # A pointer owns what it points to (a struct, var-sized ones included); arrays and
         # from_buffer views know their own size.
         ctype = ffi.typeof(item)
+        if item == ffi.NULL:
+            continue
         if ctype.kind != "pointer":
             total += ffi.sizeof(item)
         elif ctype.item.kind == "struct":

@@ -458,24 +458,26 @@ class RecvmsgResult:
 class RecvmsgOperation(Operation[RecvmsgResult]):
     """``recvmsg``: the result is a :class:`RecvmsgResult`."""
 
-    # _msg keeps the msghdr *and* the name and control buffers it points to readable after the
-    # pins are released (the result is decoded from them then).
-    __slots__ = ("_keep", "_msg")
+    # The name and control buffers are kept (and read) directly, with the lengths the kernel
+    # wrote capped at their sizes: the decoder never follows a pointer read back from memory the
+    # kernel may have written.
+    __slots__ = ("_control", "_msg", "_name")
     kind = "recvmsg"
     _msg: Any
-    _keep: Any
+    _name: Any
+    _control: Any
 
     def _value(self, res: int) -> RecvmsgResult:
         from ._sockaddr import decode, decode_cmsgs
 
         msg = self._msg
-        address = None
-        if msg.msg_name != ffi.NULL and msg.msg_namelen:
-            address = decode(bytes(ffi.buffer(ffi.cast("char *", msg.msg_name), int(msg.msg_namelen))))
+        namelen = min(int(msg.msg_namelen), len(self._name))
+        address = decode(bytes(ffi.buffer(self._name, namelen))) if namelen else None
         anc: list[tuple[int, int, bytes]] = []
-        if msg.msg_control != ffi.NULL and msg.msg_controllen:
-            anc = decode_cmsgs(bytes(ffi.buffer(ffi.cast("char *", msg.msg_control),
-                                                int(msg.msg_controllen))))
+        control = self._control
+        if control is not None:
+            size = min(int(msg.msg_controllen), len(control))
+            anc = decode_cmsgs(bytes(ffi.buffer(control, size)))
         return RecvmsgResult(res, anc, int(msg.msg_flags), address)
 
 
@@ -515,7 +517,7 @@ class SockoptOperation(Operation[Any]):
         out = getattr(self, "_out", None)
         if out is None:
             return res  # setsockopt: 0; SIOCINQ/SIOCOUTQ: the byte count
-        return bytes(ffi.buffer(out, res))
+        return bytes(ffi.buffer(out, min(res, len(out))))
 
 
 class ReceivedMessage(Operation[int]):

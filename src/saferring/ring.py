@@ -96,6 +96,9 @@ _RETRYABLE = frozenset({errno.EBUSY, errno.EAGAIN, errno.EINTR, errno.ETIME})
 _MAX_ENTRIES = 32768  # IORING_MAX_ENTRIES
 _MAX_CQ_ENTRIES = 2 * _MAX_ENTRIES  # IORING_MAX_CQ_ENTRIES
 _RECANCEL_SECONDS = 1.0  # close(): how often to repeat cancels for ops that have not ended
+# How long the finaliser and the exit hook wait for in-flight operations before they keep the
+# ring (and everything it pins) alive forever instead (_bury).
+_FINALISER_DRAIN_SECONDS = 10.0
 
 _OP_READ, _OP_WRITE = OP["READ"], OP["WRITE"]
 _OP_READV, _OP_WRITEV = OP["READV"], OP["WRITEV"]
@@ -284,15 +287,23 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         """What this ring's kernel supports: opcodes, ``IORING_FEAT_*`` bits, setup flags."""
         return self._features
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Cancel everything in flight, wait for every final CQE, then tear the ring down.
 
         Idempotent.  Returns only when the kernel holds no reference to any memory an operation
         pinned; operations end ``CANCELLED`` (or ``COMPLETED``/``FAILED`` if they finished
-        first).  In a forked child it only drops the child's copy of the ring.  Raises
-        :class:`WrongThreadError` from a thread that does not own the ring, and
-        :class:`OperationStateError` from code running inside another call on the ring.
+        first).  Some requests cannot end on their own: a zero-copy send whose data the peer
+        never reads keeps the buffer until the socket is closed.  With ``timeout`` (seconds),
+        ``close()`` raises :class:`TimeoutError` once that long has passed, and the ring stays
+        open and usable (close the sockets, then call ``close()`` again).  In a forked child it
+        only drops the child's copy of the ring.  Raises :class:`WrongThreadError` from a thread
+        that does not own the ring, and :class:`OperationStateError` from code running inside
+        another call on the ring.
         """
+        deadline = None
+        if timeout is not None:
+            timeout_ns, end = _deadline(timeout)  # validates; -1: too long to matter
+            deadline = None if timeout_ns < 0 else end
         if self._closed:
             return
         if self._forked:
@@ -303,7 +314,7 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         self._owner = _BUSY
         try:
             self._abandon_chain()
-            self._drain()
+            self._drain(deadline)
             self._teardown()
         except BaseException:
             # Still open (interrupted, or the kernel refused): the caller may retry.  Written
@@ -324,11 +335,15 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         self._backlog = None
         self._internal.clear()
 
-    def _drain(self) -> None:
-        """Cancel all in-flight operations and reap until every one has its final CQE."""
+    def _drain(self, deadline: float | None = None) -> None:
+        """Cancel all in-flight operations and reap until every one has its final CQE
+        (``TimeoutError`` past ``deadline``, a ``time.monotonic()`` value)."""
         registry = self._registry
         last_cancel = -_RECANCEL_SECONDS
         while registry or self._backlog is not None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"close(): {len(registry)} operation(s) still in flight "
+                                   f"(e.g. {next(iter(registry.values()), None)!r})")
             # Collect what has already completed first: no cancel is needed for those.
             while self._reap(0, -1) > 0:
                 pass
@@ -380,9 +395,12 @@ class Ring(FileOps, NetOps, EventOps, Registration):
                 self._drop_forked_copy()
             else:
                 # Nobody else can be inside the ring now: the finaliser may drain it from
-                # whatever thread the garbage collector runs in.
+                # whatever thread the garbage collector runs in (not through a ring descriptor
+                # registered by the owner thread, though: see sr_forget_registered_ring_fd).
+                if _get_ident() != self._owner_ident:
+                    lib.sr_forget_registered_ring_fd(self._c)
                 self._abandon_chain()
-                self._drain()
+                self._drain(time.monotonic() + _FINALISER_DRAIN_SECONDS)
                 self._teardown()
         except BaseException:  # noqa: BLE001 - any failure: never free what the kernel may use
             _bury(self)
@@ -1289,7 +1307,7 @@ def _close_all_at_exit() -> None:
             continue
         if ring._owner == me:
             try:
-                ring.close()
+                ring.close(_FINALISER_DRAIN_SECONDS)
                 continue
             except BaseException:  # noqa: BLE001 - could not drain: keep its memory
                 pass

@@ -856,6 +856,21 @@ int sr_register_ring_fd(sr_ring *r)
 #endif
 }
 
+/* Stop entering the kernel through the registered ring descriptor, without unregistering it.
+   A registration lives in the *registering thread's* table, and liburing enters (and unregisters,
+   in io_uring_queue_exit) by offset into the *current* thread's table: a ring finalised on
+   another thread would drive, or unregister, whatever ring that thread has at the same offset.
+   The owner thread's slot is released when that thread exits. */
+void sr_forget_registered_ring_fd(sr_ring *r)
+{
+#if SR_LIBURING_AT_LEAST(2, 2)
+    r->ring.int_flags &= (uint8_t)~3u; /* INT_FLAG_REG_RING | INT_FLAG_REG_REG_RING */
+    r->ring.enter_ring_fd = r->ring.ring_fd;
+#else
+    (void)r;
+#endif
+}
+
 int sr_unregister_ring_fd(sr_ring *r)
 {
     int usable = sr_usable(r);

@@ -165,6 +165,7 @@ int sr_unregister_personality(sr_ring *r, int id);
 int sr_iowq_max_workers(sr_ring *r, unsigned *values);
 int sr_register_ring_fd(sr_ring *r);
 int sr_unregister_ring_fd(sr_ring *r);
+void sr_forget_registered_ring_fd(sr_ring *r);
 int sr_batch_begin(sr_ring *r, sr_batch *b, uint64_t ud, unsigned n);
 int sr_batch_abandon(sr_ring *r, sr_batch *b, int err);
 uint64_t sr_batch_member_ud(sr_batch *b, unsigned i);
