@@ -819,6 +819,10 @@ def test_close_inside_open_chain(pipe: tuple[int, int]) -> None:
 
 def test_link_timeout_inside_chain(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
     """In a chain, a link timeout on a blocked read cancels it and what follows in the chain."""
+    if not kernel_at_least(6, 2):
+        # Observed on Debian's 6.1: after a read completes, the next chain member's link
+        # timeout is never armed (with a nop before it, it is).  docs/operations.md says so.
+        pytest.skip("Linux 6.1 does not arm a link timeout on a member started by a read")
     r, w = pipe
     os.write(w, b"ab")
     first = bytearray(2)

@@ -198,6 +198,8 @@ class EventOps(OpsBase):
         ``op`` must be the operation queued just before, not yet submitted (call this right
         after creating it, inside or outside a chain).  ``op`` then ends CANCELLED if the timeout
         fired.  The result is True if the timeout fired, False if ``op`` finished first.
+        Inside a chain, older kernels may not arm it: Linux 6.1 ignores a link timeout on a
+        member that a completed read started (docs/operations.md).
         """
         self._require(OP["LINK_TIMEOUT"])
         target = self._target(op, Operation, "link_timeout()")
