@@ -28,6 +28,7 @@ from .operation import (
     CancelOperation,
     IntOperation,
     LinkTimeoutOperation,
+    MultishotOperation,
     Operation,
     PollMultishotOperation,
     PollOperation,
@@ -203,6 +204,9 @@ class EventOps(OpsBase):
         """
         self._require(OP["LINK_TIMEOUT"])
         target = self._target(op, Operation, "link_timeout()")
+        if isinstance(op, MultishotOperation):
+            raise TypeError("link_timeout() cannot time a multishot operation (the kernel does "
+                            "not arm it); cancel it instead")
         ts = _pinning.timespec(seconds)
         req = _new_op(LinkTimeoutOperation, self, ts, self._take_ud())
         ud = req._ud
@@ -248,9 +252,12 @@ class EventOps(OpsBase):
         target = self._target(op, Operation, "async_cancel()")
         if getattr(op, "member_kind", None) is not None:
             raise TypeError("async_cancel() targets one request; cancel a batch with op.cancel()")
+        if op.cancel_requested:
+            raise OperationStateError(f"cancel() was already requested for {op._what()}")
+        request = self._cancel_request(target, 0)  # checks (chain, support) before marking
         op._cancel = True
         self._cancelled.add(target)
-        return self._cancel_request(target, 0)
+        return request
 
     @_exclusive
     def cancel_fd(self, fd: Any, *, all: bool = True) -> CancelOperation:
@@ -288,6 +295,13 @@ class EventOps(OpsBase):
     def _open_chain(self, chain: Chain) -> None:
         if self._chain is not None:
             raise OperationStateError("a chain is already open on this ring (chains do not nest)")
+        if chain.drain and not kernel_at_least(6, 0):
+            # Everything queued after a drained request waits for everything before it, cancel
+            # requests included; without IORING_REGISTER_SYNC_CANCEL (6.0) close() could wait
+            # forever for an earlier request that never ends on its own.
+            raise UnsupportedOperationError(
+                "chain(drain=True) needs Linux 6.0 (IORING_REGISTER_SYNC_CANCEL), so that "
+                "close() and cancel() can reach requests queued before the drain")
         flag = lib.IOSQE_IO_HARDLINK if chain.hard else lib.IOSQE_IO_LINK
         rc = lib.sr_chain_begin(self._c, flag, 1 if chain.drain else 0)
         if rc < 0:
@@ -295,6 +309,8 @@ class EventOps(OpsBase):
         chain._first_ud = self._next_ud
         chain._state = "open"
         self._chain = chain
+        if chain.drain:
+            self._use_sync_cancel()  # from now on cancel() and close() cancel synchronously
 
     @_exclusive
     def _close_chain(self, chain: Chain) -> None:

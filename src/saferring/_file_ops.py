@@ -194,14 +194,17 @@ class FileOps(OpsBase):
         flags = _pinning.index(flags, "flags")
         if flags & os.O_CLOEXEC:
             raise ValueError("O_CLOEXEC does not apply to a registered file (the kernel refuses it)")
+        dfd, mode = _dir_fd(dir_fd), _u32(mode, "mode")
         op = _new_op(DirectOperation, self, cpath, self._take_flagged_ud())
         op._path = path
-        op._slot, file_index = self._direct_slot(slot)
-        return self._queue_ext(op, OP["OPENAT"], _dir_fd(dir_fd), addr_of(cpath),  # type: ignore[no-any-return]
-                               _u32(mode, "mode"), 0, flags, file_index=file_index)
+        op._slot, file_index = self._direct_slot(slot, op)  # last: it may bump the slot
+        return self._queue_ext(op, OP["OPENAT"], dfd, addr_of(cpath), mode, 0, flags,  # type: ignore[no-any-return]
+                               file_index=file_index)
 
-    def _direct_slot(self, slot: int | None) -> tuple[int, int]:
-        """(slot to report, SQE file_index) for a direct-descriptor request."""
+    def _direct_slot(self, slot: int | None, op: Any = None) -> tuple[int, int]:
+        """(slot to report, SQE file_index) for a direct-descriptor request.  Call it after
+        every other argument is checked: an explicit slot is bumped here.  ``op`` records the
+        table and its version, against which its result's handle is checked."""
         from .errors import OperationStateError
 
         table = self._files
@@ -209,12 +212,17 @@ class FileOps(OpsBase):
             raise OperationStateError("no file table is registered: call ring.register_files() "
                                       "(a count makes a sparse table) first")
         if slot is None:
-            return -1, _FILE_INDEX_ALLOC
-        slot = _pinning.index(slot, "slot")
-        if not 0 <= slot < len(table.generations):
-            raise ValueError(f"slot must be between 0 and {len(table.generations) - 1}, got {slot}")
-        table.bump(slot)  # whatever was there is replaced: older handles are stale now
-        return slot, slot + 1
+            reported, file_index = -1, _FILE_INDEX_ALLOC
+        else:
+            reported = _pinning.index(slot, "slot")
+            if not 0 <= reported < len(table.generations):
+                raise ValueError(f"slot must be between 0 and {len(table.generations) - 1}, "
+                                 f"got {reported}")
+            table.bump(reported)  # whatever was there is replaced: older handles are stale now
+            file_index = reported + 1
+        if op is not None:
+            op._table, op._since = table, table.version
+        return reported, file_index
 
     @_exclusive
     def unlinkat(self, path: Any, *, dir_fd: int | None = None, rmdir: bool = False) -> PathOperation:

@@ -112,10 +112,11 @@ class NetOps(OpsBase):
         kind = _flags(type, "type")
         if kind & _socket.SOCK_CLOEXEC:
             raise ValueError("SOCK_CLOEXEC does not apply to a registered file")
+        family, proto = _pinning.index(family, "family"), _flags(proto, "proto")
         op = _new_op(DirectOperation, self, None, self._take_flagged_ud())
-        op._slot, file_index = self._direct_slot(slot)
-        return self._queue_ext(op, OP["SOCKET"], _pinning.index(family, "family"), 0,  # type: ignore[no-any-return]
-                               _flags(proto, "proto"), kind, file_index=file_index)
+        op._slot, file_index = self._direct_slot(slot, op)  # last: it may bump the slot
+        return self._queue_ext(op, OP["SOCKET"], family, 0, proto, kind,  # type: ignore[no-any-return]
+                               file_index=file_index)
 
     @_exclusive
     def connect(self, fd: Any, address: Any) -> IntOperation:
@@ -186,12 +187,12 @@ class NetOps(OpsBase):
             raise ValueError("a multishot accept_direct lets the kernel pick slots: slot=None")
         flags = _flags(flags)
         if multishot:
-            self._direct_slot(None)  # checks a table exists
             op: Any = _new_op(AcceptDirectMultishotOperation, self, None, self._take_flagged_ud())
+            self._direct_slot(None, op)  # checks a table exists
             return self._queue_ext(op, OP["ACCEPT"], fd, 0, 0, 0, flags, fixed,
                                    ioprio=_ACCEPT_MULTISHOT, file_index=_FILE_INDEX_ALLOC)
         op = _new_op(DirectOperation, self, None, self._take_flagged_ud())
-        op._slot, file_index = self._direct_slot(slot)
+        op._slot, file_index = self._direct_slot(slot, op)  # last: it may bump the slot
         return self._queue_ext(op, OP["ACCEPT"], fd, 0, 0, 0, flags, fixed,
                                file_index=file_index)
 
@@ -369,6 +370,8 @@ class NetOps(OpsBase):
         """Queue a ``setsockopt`` (Linux 6.7): ``value`` is an int or a bytes-like, as
         :meth:`socket.socket.setsockopt` takes it.  The result is 0."""
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(1 << 31) <= value < 1 << 31:
+                raise ValueError(f"an int option value is a 32-bit int, got {value}")
             buf = ffi.new("int *", value)
             size = ffi.sizeof("int")
         else:

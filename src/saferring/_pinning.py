@@ -145,6 +145,8 @@ def path(value: Any) -> Any:
 
 def timespec(seconds: float) -> Any:
     """A ``struct __kernel_timespec`` for a non-negative, finite number of seconds."""
+    if isinstance(seconds, (str, bytes, bytearray, bool)):
+        raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
     try:
         value = float(seconds)
     except (TypeError, ValueError):

@@ -24,6 +24,14 @@ from .operation import new_operation as _new_op
 _MAX_FILES = 1 << 20  # the kernel's default limit is RLIMIT_NOFILE; this is only a sanity bound
 
 
+def _c_int(value: Any, name: str) -> int:
+    """An int argument for a C ``int`` parameter (ValueError, not OverflowError, if too big)."""
+    number = _pinning.index(value, name)
+    if not -(1 << 31) <= number < 1 << 31:
+        raise ValueError(f"{name} must fit a 32-bit int, got {number}")
+    return number
+
+
 def _check(rc: int, what: str) -> int:
     if rc < 0:
         raise os_error(-rc, what)
@@ -80,16 +88,29 @@ class Registration(OpsBase):
         return [None if fd < 0 else FixedFile._make(self, table, i)  # type: ignore[arg-type]
                 for i, fd in enumerate(values)]
 
+    def _before_table_change(self) -> None:
+        """Hand every queued SQE to the kernel before slots change under them (a queued
+        request that names a slot must get the file that was there when it was queued)."""
+        if self._chain is not None:
+            raise OperationStateError("a chain is open: close it before changing the file table")
+        self._submit()
+
     @_exclusive
     def update_files(self, offset: int, fds: Any) -> list[FixedFile | None]:
         """Replace slots ``offset, offset+1, ...`` of the registered table with ``fds`` (``-1``
-        empties a slot).  Handles to the replaced slots become stale.  Returns the new handles."""
+        empties a slot).  Handles to the replaced slots become stale.  Returns the new handles.
+
+        Queued requests are submitted first, so each uses the file that was in its slot when it
+        was queued.  A request that starts later than its submission (linked behind another,
+        after a drain, or forced async) resolves its slot when it starts, and may see the new
+        file: do not change slots that such requests use."""
         table = self._registered()
         offset = _pinning.index(offset, "offset")
         array, values = _fd_array(fds)
         if not offset >= 0 or offset + len(values) > len(table.generations):
             raise ValueError(f"slots {offset}..{offset + len(values) - 1} are outside the table "
                              f"of {len(table.generations)}")
+        self._before_table_change()
         for i in range(len(values)):
             table.bump(offset + i)  # before the call: even a failed update may have changed some
         done = _check(lib.sr_update_files(self._c, offset, array, len(values)), "update_files")
@@ -100,9 +121,11 @@ class Registration(OpsBase):
     def unregister_files(self) -> None:
         """Unregister the file table; every :class:`~saferring.FixedFile` of it becomes stale.
 
-        Requests in flight on registered files keep their files open until they end.
+        Requests in flight on registered files keep their files open until they end; queued
+        ones are submitted first (see :meth:`update_files`).
         """
         self._registered()
+        self._before_table_change()
         self._files = None  # first: whatever the kernel says, the old handles must not be used
         _check(lib.sr_unregister_files(self._c), "unregister_files")
 
@@ -141,7 +164,7 @@ class Registration(OpsBase):
         """Have the kernel signal eventfd ``fd`` on every CQE.  ``async_only``: only for CQEs of
         requests that completed out of line, in an io-wq worker (not those completed inline or
         through poll wake-ups).  The eventfd stays the caller's to close."""
-        fd = _pinning.index(fd, "fd")
+        fd = _c_int(fd, "fd")
         _check(lib.sr_register_eventfd(self._c, fd, 1 if async_only else 0), "register_eventfd")
 
     @_exclusive
@@ -158,7 +181,7 @@ class Registration(OpsBase):
     def unregister_personality(self, personality: int) -> None:
         """Unregister a personality id (refused while a ``with ring.personality(id):`` block
         uses it)."""
-        personality = _pinning.index(personality, "personality")
+        personality = _c_int(personality, "personality")
         if personality and int(self._c.personality) == personality:
             raise OperationStateError(f"personality {personality} is in use by a "
                                       "`with ring.personality()` block")
@@ -189,8 +212,10 @@ class Registration(OpsBase):
     def iowq_max_workers(self, bounded: int = 0, unbounded: int = 0) -> tuple[int, int]:
         """Limit io-wq's bounded and unbounded worker threads (0 leaves a limit as it is;
         Linux 5.15).  Returns the previous limits."""
-        values = ffi.new("unsigned int[2]", [_pinning.index(bounded, "bounded"),
-                                             _pinning.index(unbounded, "unbounded")])
+        limits = [_pinning.index(bounded, "bounded"), _pinning.index(unbounded, "unbounded")]
+        if not all(0 <= limit <= 0xFFFF_FFFF for limit in limits):
+            raise ValueError(f"worker limits are between 0 and 2**32-1, got {limits}")
+        values = ffi.new("unsigned int[2]", limits)
         _check(lib.sr_iowq_max_workers(self._c, values), "iowq_max_workers")
         return int(values[0]), int(values[1])
 

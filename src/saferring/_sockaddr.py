@@ -128,7 +128,11 @@ def encode_cmsgs(ancdata: Any) -> bytes:
             raise TypeError("ancillary data items are (level, type, bytes-like) tuples") from None
         length = socket.CMSG_LEN(len(payload))
         space = socket.CMSG_SPACE(len(payload))
-        out += _CMSG_HEADER.pack(length, level, kind) + payload
+        try:
+            out += _CMSG_HEADER.pack(length, level, kind) + payload
+        except struct.error:
+            raise ValueError(f"ancillary level and type are 32-bit ints, got {level!r}, "
+                             f"{kind!r}") from None
         out += bytes(space - _CMSG_HEADER.size - len(payload))
     return bytes(out)
 

@@ -25,15 +25,23 @@ if TYPE_CHECKING:
 class FileTable:
     """The Python side of one registration of a ring's file table."""
 
-    __slots__ = ("generations",)
+    __slots__ = ("generations", "touched", "version")
 
     def __init__(self, size: int) -> None:
         self.generations = [0] * size
+        self.version = 0  # counts bumps
+        self.touched = [0] * size  # the version of each slot's last bump
 
     def bump(self, slot: int) -> int:
         gen = self.generations[slot] + 1
         self.generations[slot] = gen
+        self.version += 1
+        self.touched[slot] = self.version
         return gen
+
+    def touched_since(self, slot: int, version: int) -> bool:
+        """True if ``slot`` was bumped after the table was at ``version``."""
+        return self.touched[slot] > version
 
 
 class FixedFile:

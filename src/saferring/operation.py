@@ -48,9 +48,12 @@ class Operation(Generic[T]):
 
     # Kept small: one is created per operation, on the hottest path of the library.
     # "_cancel" is deliberately left unset until cancel() is asked for (read with getattr).
-    __slots__ = ("__weakref__", "_cancel", "_pins", "_res", "_ring", "_state", "_ud")
+    # "_mark" (the ring's ready-list generation it was last put in) is only set on the slow paths
+    # that may list an operation twice (multishot values, recovered completions).
+    __slots__ = ("__weakref__", "_cancel", "_mark", "_pins", "_res", "_ring", "_state", "_ud")
 
     _cancel: bool  # set (True) by cancel(); unset until then
+    _mark: int  # see __slots__
 
     #: The operation's name in messages (the kernel opcode, lower case).
     kind: ClassVar[str] = "nop"
@@ -340,11 +343,13 @@ class DirectOperation(Operation["FixedFile"]):
 
     # Tagged (several-CQE path) so that _settle runs when the CQE arrives: the handle must carry
     # the slot's generation of that moment, not of whenever result() is called.
-    __slots__ = ("_handle", "_path", "_slot")
+    __slots__ = ("_handle", "_items", "_path", "_since", "_slot", "_table")
     kind = "direct"
     _path: Any
     _slot: int  # the requested slot, or -1: the kernel picks one and returns it
     _handle: FixedFile
+    _table: Any  # the FileTable, and its version, when the request was queued
+    _since: int
 
     def _filename(self) -> Any:
         return getattr(self, "_path", None)
@@ -353,7 +358,8 @@ class DirectOperation(Operation["FixedFile"]):
         res = self._res
         if res is not None and res >= 0 and not hasattr(self, "_handle"):
             picked = self._slot < 0
-            self._handle = self._ring._fixed_handle(res if picked else self._slot, picked)
+            self._handle = self._ring._fixed_handle(res if picked else self._slot, picked,
+                                                    self._table, self._since)
 
     def _value(self, res: int) -> FixedFile:
         return self._handle
@@ -428,21 +434,18 @@ class SendZcOperation(IntOperation):
     releases the buffer, only with the notification.
     """
 
-    __slots__ = ("_kind_name", "_sent")
+    __slots__ = ("_items", "_kind_name", "_settled")
     kind = "send_zc"
-    _sent: int | None
+    _items: collections.deque[int]  # the send's result, from its CQE with F_MORE
     _kind_name: str  # "sendmsg_zc" for those
 
     def _what(self) -> str:
         return f"{getattr(self, '_kind_name', self.kind)}, user_data={self.user_data}"
 
-    def _more(self, res: int, flags: int) -> None:
-        self._sent = res
-
     def _settle(self) -> None:
-        sent = getattr(self, "_sent", None)
-        if sent is not None:
-            self._res = sent  # the notification's own res is 0: the send's result is the outcome
+        if self._items and not getattr(self, "_settled", False):
+            self._settled = True
+            self._res = self._items[-1]  # the notification's own res is 0: the send's is the outcome
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,6 +556,7 @@ class MultishotOperation(Operation[list[V]]):
 
     __slots__ = ("_items", "_last_added")
     _items: collections.deque[Any]
+    _plain_values: ClassVar[bool] = True  # take() returns the raw values (no _convert)
 
     def _more(self, res: Any, flags: int) -> None:
         try:
@@ -572,15 +576,23 @@ class MultishotOperation(Operation[list[V]]):
     def _final_counts(self, res: int) -> bool:
         return True
 
-    def _convert(self, res: int) -> V:
-        return res  # type: ignore[return-value]
+    def _arrived(self) -> None:
+        """Called after a value was appended to ``_items`` (may be skipped if interrupted)."""
+
+    def _convert(self, res: Any) -> V:
+        return res  # type: ignore[no-any-return]
 
     def take(self) -> list[V]:
         """The values that arrived since the last call (oldest first), and forget them."""
         items = getattr(self, "_items", None)
         if not items:
             return []
-        out = [self._convert(items.popleft()) for _ in range(len(items))]
+        # Not destructive (may be interrupted); one builtin call unless values need converting,
+        # so a signal storm cannot keep interrupting a long Python loop here.
+        out = list(items) if self._plain_values else [self._convert(value) for value in items]
+        # The new deque is made by a call (where a signal handler may raise, losing nothing);
+        # the swap and the return involve none, so values are either still here or returned.
+        self._items = collections.deque()
         return out
 
     def pending(self) -> int:
@@ -618,6 +630,8 @@ class TimeoutMultishotOperation(MultishotOperation[None]):
             self._more(0, 0)
             self._res = 0
 
+    _plain_values = False
+
     def _convert(self, res: int) -> None:
         return None
 
@@ -633,23 +647,36 @@ class AcceptMultishotOperation(MultishotOperation[int]):
 
     def __del__(self) -> None:
         for fd in getattr(self, "_items", ()):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 class AcceptDirectMultishotOperation(MultishotOperation["FixedFile"]):
-    """Multishot ``accept_direct``: each value is a new connection's :class:`FixedFile`."""
+    """Multishot ``accept_direct``: each value is a new connection's :class:`FixedFile`
+    (stale if its slot was touched by ``update_files``/``close_direct``... after the request
+    was queued: the file there may not be the connection any more)."""
 
-    __slots__ = ()
+    __slots__ = ("_since", "_table")
+    _plain_values = False
     kind = "accept"
 
-    def _more(self, res: int, flags: int) -> None:
-        # The handle is made as the CQE arrives (see DirectOperation); errors stay ints.
-        super()._more(self._ring._fixed_handle(res, True) if res >= 0 else res, flags)
+    _table: Any
+    _since: int
+
+    def _arrived(self) -> None:
+        # Turn the newest value into its handle now, while the slot is surely the connection's.
+        items = self._items
+        if items and type(items[-1]) is int and items[-1] >= 0:
+            items[-1] = self._ring._fixed_handle(items[-1], True)
 
     def _convert(self, res: Any) -> FixedFile:
+        if isinstance(res, int):
+            # Arrived while a signal interrupted the completion loop: made now, stale if the
+            # slot was touched since the request was queued (it may hold another file).
+            return self._ring._fixed_handle(res, True, self._table, self._since)
         return res  # type: ignore[no-any-return]
 
 
@@ -804,6 +831,9 @@ def new_operation(cls: type[OpT], ring: Any, pins: object, user_data: int) -> Op
     op._res = None
     op._state = QUEUED
     op._ud = user_data
+    if user_data & UD_FLAGGED:
+        # Where the completion loop puts the values of CQEs with F_MORE (a builtin append).
+        op._items = collections.deque()  # type: ignore[attr-defined]
     return op
 
 

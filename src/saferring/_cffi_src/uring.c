@@ -784,6 +784,36 @@ void sr_read_siginfo(const void *buf, int *out)
     out[4] = si.si_status;
 }
 
+/* IORING_REGISTER_SYNC_CANCEL (Linux 6.0): cancel without an SQE.  A cancel SQE queued behind a
+   drained chain (IOSQE_IO_DRAIN) waits for every earlier request, including the ones it is meant
+   to cancel; this one does not go through the SQ at all.  Written against the ABI (the register
+   opcode and struct are stable) so that builds against liburing < 2.3 have it too.  A zero
+   timeout: the kernel cancels what it can and does not wait for requests already running. */
+struct sr_sync_cancel_reg {
+    uint64_t addr;
+    int32_t fd;
+    uint32_t flags;
+    struct __kernel_timespec timeout;
+    uint64_t pad[4];
+};
+
+int sr_sync_cancel(sr_ring *r, uint64_t ud, int fd, unsigned flags)
+{
+    struct sr_sync_cancel_reg reg;
+    int usable = sr_usable(r);
+    long ret;
+
+    if (usable)
+        return usable;
+    memset(&reg, 0, sizeof(reg));
+    reg.addr = ud;
+    reg.fd = fd;
+    reg.flags = flags;
+    ret = syscall(__NR_io_uring_register, r->ring.ring_fd, 24 /* IORING_REGISTER_SYNC_CANCEL */,
+                  &reg, 1);
+    return ret < 0 ? -errno : (int)ret;
+}
+
 /* ---- registration (io_uring_register), each refused on a torn-down or forked ring ---- */
 
 int sr_register_files(sr_ring *r, const int *fds, unsigned n)

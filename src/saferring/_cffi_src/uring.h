@@ -154,6 +154,7 @@ static const int SR_SIGINFO_SIZE;
 void sr_fill_epoll_event(void *buf, uint32_t events, uint64_t data);
 void sr_read_siginfo(const void *buf, int *out);
 
+int sr_sync_cancel(sr_ring *r, uint64_t ud, int fd, unsigned flags);
 int sr_register_files(sr_ring *r, const int *fds, unsigned n);
 int sr_register_files_sparse(sr_ring *r, unsigned n);
 int sr_update_files(sr_ring *r, unsigned off, const int *fds, unsigned n);
