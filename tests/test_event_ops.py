@@ -1149,3 +1149,87 @@ def test_epoll_ctl_refuses_fixed_files(ring: saferring.Ring, pipe: tuple[int, in
     finally:
         ep.close()
         ring.unregister_files()
+
+
+def test_drained_chain_does_not_block_cancel_or_close(pipe: tuple[int, int]) -> None:
+    """A drained chain waits for every earlier request, and so would cancel requests queued after
+    it: op.cancel() and close() go around the SQ (IORING_REGISTER_SYNC_CANCEL), so a blocked
+    earlier read is cancelled and close() returns; on kernels before 6.0 drain is refused."""
+    r, _w = pipe
+    ring = saferring.Ring(16)
+    try:
+        blocked = ring.read(r, bytearray(1))
+        ring.submit()
+        if not kernel_at_least(6, 0):
+            with pytest.raises(saferring.UnsupportedOperationError, match=r"6\.0"), \
+                    ring.chain(drain=True):
+                pass
+            return
+        with ring.chain(drain=True):
+            after = ring.nop()
+        ring.submit()
+        assert not ring.wait(1, timeout=0.05)  # the drained nop waits for the blocked read
+        blocked.cancel()
+        _wait_done(ring, blocked, after)
+        _assert_cancelled(blocked)
+        assert after.result() == 0
+        again = ring.read(r, bytearray(1))
+        ring.submit()
+        ring.close(timeout=5)  # cancels it through the register path too
+        _assert_cancelled(again)
+    finally:
+        ring.close()
+
+
+def test_refused_async_cancel_does_not_mark_the_op(ring: saferring.Ring,
+                                                   pipe: tuple[int, int]) -> None:
+    """An async_cancel refused inside an open chain leaves the op as it was: cancel() still works."""
+    r, _w = pipe
+    op = ring.read(r, bytearray(1))
+    ring.submit()
+    with ring.chain():
+        ring.nop()
+        with pytest.raises(OperationStateError):
+            ring.async_cancel(op)
+    assert not op.cancel_requested
+    op.cancel()
+    _wait_done(ring, op)
+    _assert_cancelled(op)
+
+
+def test_oversized_descriptors_refused(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
+    """A descriptor number beyond 32 bits is refused (ValueError), never wrapped to a real one."""
+    r, w = pipe
+    ep = select.epoll()
+    try:
+        with pytest.raises(ValueError):
+            ring.epoll_ctl(ep.fileno(), EPOLL_CTL_ADD, (1 << 64) + r, select.EPOLLIN)
+        with pytest.raises(ValueError):
+            ring.splice((1 << 32) + r, w, 1)
+        with pytest.raises(ValueError):
+            ring.poll_add((1 << 32) + r, select.POLLIN)
+        assert ring.stats().in_flight == 0 and ring.submit() == 0
+    finally:
+        ep.close()
+
+
+def test_wait_counts_messages_already_reaped(ring: saferring.Ring) -> None:
+    """wait(1) with nothing in flight but a message already posted returns the message instead
+    of refusing (it could return)."""
+    _needs_msg_ring(ring)
+    with saferring.Ring(8) as sender:
+        sender.run(sender.msg_ring(ring, 9))
+    got = ring.wait(1)
+    assert [(m.value, m.result()) for m in got] == [(9, 0)]
+    with pytest.raises(ValueError, match="could never return"):
+        ring.wait(1)
+
+
+def test_link_timeout_refuses_multishot(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
+    """A multishot poll cannot get a link timeout (the kernel never arms it): TypeError."""
+    r, _w = pipe
+    poll = ring.poll_add(r, select.POLLIN, multishot=True)
+    with pytest.raises(TypeError, match="multishot"):
+        ring.link_timeout(poll, 0.01)
+    poll.cancel()
+    _wait_done(ring, poll)

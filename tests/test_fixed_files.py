@@ -10,6 +10,7 @@ import fcntl
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -1036,3 +1037,47 @@ def test_ring_with_registered_fd_finalised_on_another_thread_leaves_others_alone
         r2.close()
     """, timeout=60)
     assert out.split() == ["before", "0", "after", "0"], out
+
+
+def test_update_files_submits_queued_requests_first(ring: saferring.Ring, tmp_path: Any) -> None:
+    """A write queued through a handle goes to the file that was in the slot when it was queued,
+    even if update_files() replaces the slot before the next submit."""
+    a = os.open(_write_file(str(tmp_path / "a"), b"original"), os.O_RDWR)
+    b = os.open(_write_file(str(tmp_path / "b"), b"precious"), os.O_RDWR)
+    try:
+        (fa,) = ring.register_files([a])
+        write = ring.write(fa, b"OVERWRIT", 0)
+        ring.update_files(0, [b])
+        assert not fa.valid
+        assert ring.run(write) == 8
+        assert os.pread(a, 8, 0) == b"OVERWRIT" and os.pread(b, 8, 0) == b"precious"
+        with ring.chain():
+            nop = ring.nop()
+            with pytest.raises(OperationStateError, match="chain"):
+                ring.update_files(0, [a])
+        assert ring.run(nop) == 0
+        ring.unregister_files()
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_direct_result_is_stale_if_slot_changed_before_reaping(ring: saferring.Ring,
+                                                                tmp_path: Any) -> None:
+    """The handle an openat_direct returns is stale if its slot was replaced after the request was
+    queued (the slot may hold another file by the time the CQE is reaped)."""
+    path_a = _write_file(str(tmp_path / "a"), b"AAAA")
+    b = os.open(_write_file(str(tmp_path / "b"), b"BBBB"), os.O_RDONLY)
+    try:
+        ring.register_files(1)
+        op = ring.openat_direct(path_a, slot=0)
+        ring.submit()
+        time.sleep(0.05)  # the kernel has installed A; its CQE is not reaped yet
+        ring.update_files(0, [b])
+        handle = ring.run(op)
+        assert not handle.valid
+        with pytest.raises(OperationStateError):
+            ring.read(handle, bytearray(4), 0)
+        ring.unregister_files()
+    finally:
+        os.close(b)

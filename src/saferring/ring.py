@@ -247,7 +247,7 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         self._backlog_flagged = False
         self._abandoned: list[BatchOperation] = []  # batches settled in C without a batch CQE
         self._cur: Operation[Any] | None = None  # the op a completion loop is recording
-        self._others: collections.deque[tuple[int, int]] = collections.deque()
+        self._others: collections.deque[Any] = collections.deque()  # (ud, res), or a message
         self._ready_gen = 0  # bumped each time wait() hands the ready list out
         self._cancel_round: set[int] = set()  # close(): ops cancelled in the current round
         self._last_cancel = -math.inf
@@ -1172,15 +1172,26 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         parked when an exception interrupts)."""
         others = self._others
         while others:
-            ud, res = others[0]
-            request = self._internal.pop(ud, None)
-            if request is not None:
-                request.res = res
-            elif ud & _UD_MESSAGE:
-                message = _new_op(ReceivedMessage, self, None, ud)
-                message._res = res
-                message._state = _COMPLETED
-                self._ready.append(message)
+            item = others[0]
+            if type(item) is tuple:
+                ud, res = item
+                request = self._internal.pop(ud, None)
+                if request is not None:
+                    request.res = res
+                    others.popleft()
+                    continue
+                if not ud & _UD_MESSAGE:
+                    others.popleft()  # not ours (a stale or foreign user_data): ignored
+                    continue
+                item = _new_op(ReceivedMessage, self, None, ud)
+                item._res = res
+                item._state = _COMPLETED
+                others[0] = item  # from here on, a resumed loop finds the message itself
+            if getattr(item, "_mark", None) is None:
+                # The mark and the append have no check between them (a signal handler runs
+                # only after a call returns): a marked message has been listed, exactly once.
+                item._mark = self._ready_gen
+                self._ready.append(item)
             others.popleft()
 
     def _recover(self) -> None:
