@@ -64,6 +64,7 @@ def test_finaliser_of_a_released_buffer_cannot_reenter(ring: saferring.Ring) -> 
         os.close(w)
 
 
+@pytest.mark.slow  # 5000 rings and a thread race: ~2 s here, minutes under an emulated kernel
 def test_ring_resurrected_through_a_weakref_during_its_finaliser() -> None:
     """The owner thread reviving a ring through a weakref while another thread runs the ring's
     finaliser is refused (RingClosedError or WrongThreadError), never crashes the ring."""
