@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 
 import pytest
@@ -439,6 +440,8 @@ def test_absurd_wait_timeout_means_no_timeout(ring: saferring.Ring) -> None:
     assert ring.wait(1, timeout=1e300) == [op]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="CPython 3.10 checks for signals between "
+                    "more bytecodes (docs/design.md, Known limits)")
 def test_signal_storm_loses_no_multishot_value_zero_copy_result_or_message() -> None:
     """Exceptions from a signal handler landing anywhere while multishot accepts, zero-copy sends
     and messages complete lose none of their values: every accepted descriptor is reported (none
@@ -503,14 +506,14 @@ def test_signal_storm_loses_no_multishot_value_zero_copy_result_or_message() -> 
         # caller saw sent arrives, and nothing twice.
         assert set(sent) <= set(values) and len(set(values)) == len(values), (len(values), len(sent))
         accepts.cancel()
+        for c in clients + [a, b]:
+            c.close()  # frees what the zero-copy sends left queued: their notifications come
         ring.close(timeout=10)
         other.close()
         assert all(s.done() for s in sends)
         assert [s.result() for s in sends] == [100] * len(sends)
         for fd in fds:
             os.close(fd)
-        for c in clients + [a, b]:
-            c.close()
         print("ok", len(sends), len(sent))
     """, timeout=600)
     assert out.startswith("ok")
