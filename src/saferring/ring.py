@@ -1080,7 +1080,9 @@ class Ring(FileOps, NetOps, EventOps, Registration):
     def run(self, op: Operation[Any]) -> Any:
         """Submit, wait until ``op`` has finished, and return ``op.result()`` (or raise it).
 
-        Other operations that finish meanwhile are kept for the next :meth:`wait`.
+        Other operations that finish meanwhile are kept for the next :meth:`wait`.  A multishot
+        operation finishes only when it is cancelled or fails: to collect its values as they
+        come, use :meth:`wait` and ``op.take()``.
         """
         if op._ring is not self:
             raise OperationStateError("the operation belongs to another ring")
