@@ -47,3 +47,13 @@ def test_every_named_test_exists() -> None:
     assert named, "no test names found in docs/operations.md"
     missing = sorted(named - _tests_defined())
     assert not missing, f"docs/operations.md names tests that do not exist: {missing}"
+
+
+def test_readme_kernel_table_is_generated() -> None:
+    """The README's kernel table is exactly what saferring.features.kernel_table() generates."""
+    from saferring.features import kernel_table
+
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- kernel-table:begin[^>]*-->\n(.*?)\n<!-- kernel-table:end -->", text, re.S)
+    assert match, "README.md has no kernel table markers"
+    assert match.group(1) == kernel_table()

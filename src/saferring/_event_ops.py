@@ -364,7 +364,7 @@ class EventOps(OpsBase):
 
     @_exclusive
     def waitid(self, idtype: int, id: int, options: int) -> WaitidOperation:
-        """Queue a ``waitid`` (Linux 6.5; ``os.P_PID``..., ``os.WEXITED``...).
+        """Queue a ``waitid`` (Linux 6.7; ``os.P_PID``..., ``os.WEXITED``...).
 
         The result is a :class:`~saferring.operation.WaitidResult`, like :func:`os.waitid`'s.
         """

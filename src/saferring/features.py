@@ -181,3 +181,36 @@ def kernel_release() -> tuple[int, int]:
 def kernel_at_least(major: int, minor: int) -> bool:
     """True if the running kernel is ``major.minor`` or newer (see :func:`kernel_release`)."""
     return kernel_release() >= (major, minor)
+
+
+#: The kernel releases the README's table is cut at (the last row takes everything newer).
+KERNEL_TABLE_RELEASES = ("5.1", "5.6", "5.11", "5.19", "6.0", "6.1", "6.7", "6.11", "6.12+")
+
+
+def _release_key(release: str) -> tuple[int, int]:
+    major, minor = release.rstrip("+").split(".")
+    return int(major), int(minor)
+
+
+def kernel_table() -> str:
+    """The README's table of kernel releases and what each adds, generated from :data:`OPCODES`,
+    :data:`FEATURE_BITS` and :data:`SETUP_FLAGS` (``tests/test_docs.py`` checks the README
+    against it, so the two cannot drift)."""
+    rows = ["| Linux | io_uring opcodes that arrive | setup flags and features that arrive |",
+            "|---|---|---|"]
+    previous = (0, 0)
+    releases = list(KERNEL_TABLE_RELEASES)
+    for i, release in enumerate(releases):
+        last = i == len(releases) - 1
+        upto = (99, 99) if last else _release_key(release)
+
+        def arrives(since_release: str, lo: tuple[int, int] = previous,
+                    hi: tuple[int, int] = upto) -> bool:
+            return lo < _release_key(since_release) <= hi
+
+        ops = [op.name for op in OPCODES if arrives(op.since)]
+        extras = [f"FEAT_{name}" for name, _bit, rel in FEATURE_BITS if arrives(rel)]
+        extras += [f"SETUP_{name}" for name, _bit, rel in SETUP_FLAGS if arrives(rel)]
+        rows.append(f"| {release} | {', '.join(ops) or '-'} | {', '.join(extras) or '-'} |")
+        previous = upto
+    return "\n".join(rows)
