@@ -1160,7 +1160,7 @@ def test_drained_chain_does_not_block_cancel_or_close(pipe: tuple[int, int]) -> 
     try:
         blocked = ring.read(r, bytearray(1))
         ring.submit()
-        if not kernel_at_least(6, 0):
+        if not kernel_at_least(6, 0):  # (the library asks the kernel; 6.0 brought the opcode)
             with pytest.raises(saferring.UnsupportedOperationError, match=r"6\.0"), \
                     ring.chain(drain=True):
                 pass

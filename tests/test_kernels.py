@@ -67,3 +67,48 @@ def test_missing_opcodes_are_refused_with_their_release() -> None:
         if not missing:
             pytest.skip("this kernel has every opcode these calls need (make test-kernel-6.1 "
                         "checks the refusals on 6.1)")
+
+
+_SECCOMP_RUNNER = """
+import ctypes, errno, platform, sys
+import saferring
+code = int(sys.argv[1])
+# seccomp: make io_uring_setup (x86-64 syscall 425) fail with `code`, as a container's filter does.
+class Filter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+insns = (Filter * 4)(Filter(0x20, 0, 0, 0),             # load the syscall number
+                     Filter(0x15, 0, 1, 425),           # io_uring_setup?
+                     Filter(0x06, 0, 0, 0x00050000 | code),  # -> errno
+                     Filter(0x06, 0, 0, 0x7FFF0000))    # everything else: allow
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0                  # PR_SET_NO_NEW_PRIVS
+prog = Prog(4, insns)
+assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+try:
+    saferring.Ring(8)
+except Exception as exc:
+    print(type(exc).__name__, getattr(exc, "errno", None), exc)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter is written for x86-64")
+@pytest.mark.parametrize(("code", "kind", "says"), [
+    (errno.EPERM, "PermissionError", "io_uring_disabled"),
+    (errno.ENOSYS, "UnsupportedPlatformError", "CONFIG_IO_URING"),
+])
+def test_io_uring_refused_by_the_system_is_explained(code: int, kind: str, says: str) -> None:
+    """When the system refuses io_uring_setup (a seccomp filter, as container runtimes install,
+    returning EPERM or ENOSYS), Ring() raises an error that says why and what to change."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SECCOMP_RUNNER, str(code)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(kind), proc.stdout
+    assert says in proc.stdout
+    if code == errno.EPERM:
+        assert "seccomp" in proc.stdout

@@ -295,7 +295,9 @@ class EventOps(OpsBase):
     def _open_chain(self, chain: Chain) -> None:
         if self._chain is not None:
             raise OperationStateError("a chain is already open on this ring (chains do not nest)")
-        if chain.drain and not kernel_at_least(6, 0):
+        # Asked of the kernel, not of uname: a sync cancel of user_data 0 (never one of ours)
+        # answers ENOENT where the register opcode exists, EINVAL where it does not.
+        if chain.drain and lib.sr_sync_cancel(self._c, 0, -1, 0) == -errno.EINVAL:
             # Everything queued after a drained request waits for everything before it, cancel
             # requests included; without IORING_REGISTER_SYNC_CANCEL (6.0) close() could wait
             # forever for an earlier request that never ends on its own.
