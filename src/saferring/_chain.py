@@ -48,27 +48,23 @@ class Chain:
         if self._state == "open":
             self._ring._close_chain(self)
 
-    def _closed_by_ring(self) -> None:
-        """Record the members (nothing was submitted yet, so all are in the registry)."""
+    def _members(self) -> list[Operation[Any]]:
+        """The operations queued since the chain opened (nothing was submitted since, so all of
+        them are in the registry, under their user_data, tagged or not)."""
         from .operation import UD_FLAGGED
 
         registry = self._ring._registry
-        for ud in range(self._first_ud, self._ring._next_ud):
-            op = registry.get(ud) or registry.get(ud | UD_FLAGGED)
-            if op is not None:
-                self._ops.append(op)
+        return [op for ud in range(self._first_ud, self._ring._next_ud)
+                if (op := registry.get(ud) or registry.get(ud | UD_FLAGGED)) is not None]
+
+    def _closed_by_ring(self) -> None:
+        self._ops = self._members()
         self._state = "closed"
 
     @property
     def ops(self) -> list[Operation[Any]]:
         """The operations queued in the chain, in submission order (complete once it closed)."""
-        if self._state == "open":
-            from .operation import UD_FLAGGED
-
-            registry = self._ring._registry
-            return [op for ud in range(self._first_ud, self._ring._next_ud)
-                    if (op := registry.get(ud) or registry.get(ud | UD_FLAGGED)) is not None]
-        return list(self._ops)
+        return self._members() if self._state == "open" else list(self._ops)
 
     def __repr__(self) -> str:
         return f"<Chain {'hard' if self.hard else 'soft'} {self._state}>"

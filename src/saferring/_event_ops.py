@@ -56,13 +56,8 @@ _CANCEL_FD_FIXED = 1 << 3
 _MAX_U32 = 0xFFFF_FFFF
 _MAX_MESSAGE = SEQUENCE_MASK  # values ride in the user_data below both tags
 _FUTEX_SIZES = {1: 0, 2: 1, 4: FUTEX2_SIZE_U32, 8: 3}
+_u32 = _pinning.u32
 
-
-def _u32(value: Any, name: str) -> int:
-    number = _pinning.index(value, name)
-    if not 0 <= number <= _MAX_U32:
-        raise ValueError(f"{name} must be between 0 and 2**32-1, got {number}")
-    return number
 
 
 class EventOps(OpsBase):

@@ -49,22 +49,16 @@ _SAFE_ADVICE = frozenset(
 )
 
 
+_u32 = _pinning.u32
+
+
 def _dir_fd(dir_fd: int | None) -> int:
     if dir_fd is None:
         return _AT_FDCWD
     if isinstance(dir_fd, FixedFile):
         raise TypeError("dir_fd must be a descriptor, not a FixedFile")
-    number = _pinning.index(dir_fd, "dir_fd")
-    if not -(1 << 31) <= number < 1 << 31:
-        raise ValueError(f"dir_fd must fit a 32-bit int, got {number}")
-    return number
+    return _pinning.c_int(dir_fd, "dir_fd")
 
-
-def _u32(value: Any, name: str) -> int:
-    number = _pinning.index(value, name)
-    if not 0 <= number <= _MAX_U32:
-        raise ValueError(f"{name} must be between 0 and 2**32-1, got {number}")
-    return number
 
 
 def _u64(value: Any, name: str) -> int:

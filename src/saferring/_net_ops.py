@@ -56,6 +56,9 @@ _MSG_RECV = int(_socket.MSG_OOB | _socket.MSG_PEEK | _socket.MSG_DONTWAIT | _soc
 _MSG_RECVMSG = _MSG_RECV | int(_socket.MSG_ERRQUEUE | _socket.MSG_CMSG_CLOEXEC)
 
 
+_flags = _pinning.u32
+
+
 def _msg_flags(value: Any, allowed: int, what: str) -> int:
     flags = _flags(value)
     if flags & ~allowed:
@@ -63,12 +66,6 @@ def _msg_flags(value: Any, allowed: int, what: str) -> int:
                          f"MSG_* flags {allowed:#x}; for MSG_ZEROCOPY use send_zc/sendmsg_zc)")
     return flags
 
-
-def _flags(value: Any, name: str = "flags") -> int:
-    number = _pinning.index(value, name)
-    if not 0 <= number <= _MAX_U32:
-        raise ValueError(f"{name} must be a 32-bit unsigned int, got {number}")
-    return number
 
 
 class NetOps(OpsBase):

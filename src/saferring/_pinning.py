@@ -86,6 +86,23 @@ def index(value: Any, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
+def u32(value: Any, name: str = "flags") -> int:
+    """``value`` as an int for a 32-bit unsigned SQE field; ``ValueError`` outside 0..2**32-1."""
+    number = index(value, name)
+    if not 0 <= number <= 0xFFFF_FFFF:
+        raise ValueError(f"{name} must be between 0 and 2**32-1, got {number}")
+    return number
+
+
+def c_int(value: Any, name: str) -> int:
+    """``value`` as an int for a C ``int`` (a descriptor, an id); ``ValueError`` if it does not
+    fit, rather than cffi's ``OverflowError``."""
+    number = index(value, name)
+    if not -(1 << 31) <= number < 1 << 31:
+        raise ValueError(f"{name} must fit a 32-bit int, got {number}")
+    return number
+
+
 def writable(obj: Any) -> Any:
     """Pin a buffer the kernel will write into; ``TypeError`` unless it is writable and contiguous."""
     check_exporter(obj, True)

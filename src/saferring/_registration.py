@@ -24,12 +24,8 @@ from .operation import new_operation as _new_op
 _MAX_FILES = 1 << 20  # the kernel's default limit is RLIMIT_NOFILE; this is only a sanity bound
 
 
-def _c_int(value: Any, name: str) -> int:
-    """An int argument for a C ``int`` parameter (ValueError, not OverflowError, if too big)."""
-    number = _pinning.index(value, name)
-    if not -(1 << 31) <= number < 1 << 31:
-        raise ValueError(f"{name} must fit a 32-bit int, got {number}")
-    return number
+
+_c_int = _pinning.c_int
 
 
 def _check(rc: int, what: str) -> int:

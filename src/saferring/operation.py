@@ -434,7 +434,7 @@ class SendZcOperation(IntOperation):
     releases the buffer, only with the notification.
     """
 
-    __slots__ = ("_items", "_kind_name", "_settled")
+    __slots__ = ("_items", "_kind_name")
     kind = "send_zc"
     _items: collections.deque[int]  # the send's result, from its CQE with F_MORE
     _kind_name: str  # "sendmsg_zc" for those
@@ -443,8 +443,7 @@ class SendZcOperation(IntOperation):
         return f"{getattr(self, '_kind_name', self.kind)}, user_data={self.user_data}"
 
     def _settle(self) -> None:
-        if self._items and not getattr(self, "_settled", False):
-            self._settled = True
+        if self._items:  # idempotent: recovery may settle twice
             self._res = self._items[-1]  # the notification's own res is 0: the send's is the outcome
 
 
@@ -570,11 +569,7 @@ class MultishotOperation(Operation[list[V]]):
         res = self._res
         if res is not None and res >= 0 and not getattr(self, "_last_added", False):
             self._last_added = True
-            if self._final_counts(res):
-                self._more(res, 0)
-
-    def _final_counts(self, res: int) -> bool:
-        return True
+            self._more(res, 0)
 
     def _arrived(self) -> None:
         """Called after a value was appended to ``_items`` (may be skipped if interrupted)."""
@@ -619,9 +614,6 @@ class TimeoutMultishotOperation(MultishotOperation[None]):
 
     def _more(self, res: int, flags: int) -> None:
         super()._more(0, flags)
-
-    def _final_counts(self, res: int) -> bool:
-        return True
 
     def _settle(self) -> None:
         # The last expiry of a counted multishot timeout ends it with -ETIME.
