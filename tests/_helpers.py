@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+import saferring
+
 
 def run_isolated(code: str, timeout: float = 120) -> str:
     """Run ``code`` in a fresh interpreter; fail (with its output) unless it exits 0."""
@@ -19,3 +21,69 @@ def run_isolated(code: str, timeout: float = 120) -> str:
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
         pytest.fail(f"subprocess failed ({how})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc.stdout
+
+
+# -- what the running kernel offers, asked of the kernel (never of uname) ----------------------
+
+_features: list[saferring.Features] = []
+_setup_answers: dict[str, bool] = {}
+_SETUP_KWARGS = {
+    "SQPOLL": {"sqpoll": True},
+    "COOP_TASKRUN": {"coop_taskrun": True},
+    "SINGLE_ISSUER": {"single_issuer": True},
+    "DEFER_TASKRUN": {"single_issuer": True, "defer_taskrun": True},
+}
+
+
+def kernel_features() -> saferring.Features:
+    """The running kernel's features (probe and feature bits), read once from a scratch ring."""
+    if not _features:
+        ring = saferring.Ring(2)
+        _features.append(ring.features)
+        ring.close()
+    return _features[0]
+
+
+def _setup_supported(name: str) -> bool:
+    if name not in _setup_answers:
+        try:
+            ring = saferring.Ring(2, **_SETUP_KWARGS[name])  # type: ignore[arg-type]
+        except (saferring.UnsupportedOperationError, OSError):
+            _setup_answers[name] = False
+        else:
+            _setup_answers[name] = name in ring.features.setup_flags
+            ring.close()
+    return _setup_answers[name]
+
+
+def kernel_lacks(requirement: str) -> str | None:
+    """Why the running kernel cannot run what ``requirement`` names, or None if it can.
+
+    A requirement is ``"op:NAME"`` (an opcode, from the kernel's probe), ``"feat:NAME"`` (an
+    ``IORING_FEAT_*`` bit from io_uring_setup), ``"setup:NAME"`` (an ``IORING_SETUP_*`` flag the
+    kernel accepts) or ``"can:NAME"`` (a behaviour of :data:`saferring.features.CAPABILITIES`,
+    tried on the kernel).
+    """
+    from saferring import features as f
+
+    kind, _, name = requirement.partition(":")
+    name = name.upper()
+    if kind == "op":
+        if kernel_features().supports(name):
+            return None
+        return f"the kernel's probe has no IORING_OP_{name} (Linux {f.since(f.OP[name])})"
+    if kind == "feat":
+        if kernel_features().has(name):
+            return None
+        release = next(rel for n, _bit, rel in f.FEATURE_BITS if n == name)
+        return f"the kernel does not report IORING_FEAT_{name} (Linux {release})"
+    if kind == "setup":
+        if _setup_supported(name):
+            return None
+        release = next(rel for n, _bit, rel in f.SETUP_FLAGS if n == name)
+        return f"the kernel refuses IORING_SETUP_{name} (Linux {release})"
+    if kind == "can":
+        if f.kernel_can(name):
+            return None
+        return f"the kernel lacks {name} (tried; Linux {f.capability_since(name)})"
+    raise ValueError(f"unknown requirement kind in {requirement!r}")

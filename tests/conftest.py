@@ -13,6 +13,8 @@ import pytest
 import saferring
 from saferring.ring import _live_rings
 
+from _helpers import kernel_lacks
+
 
 def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
@@ -73,3 +75,19 @@ def datafile(tmp_path: os.PathLike[str]) -> Iterator[tuple[str, bytes]]:
     with open(path, "wb") as f:
         f.write(data)
     yield path, data
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "needs(*requirements): what the test needs from the kernel, e.g. 'op:FUTEX_WAIT', "
+        "'feat:NODROP', 'setup:DEFER_TASKRUN', 'can:SOCKET_COMMANDS' (tests/_helpers.py "
+        "kernel_lacks); the test is skipped with the kernel's answer when one is missing")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("needs"):
+        for requirement in marker.args:
+            reason = kernel_lacks(requirement)
+            if reason is not None:
+                pytest.skip(reason)

@@ -586,11 +586,10 @@ def test_fixed_fd_install(ring: saferring.Ring, datafile: tuple[str, bytes]) -> 
     assert ff.valid  # installing a descriptor leaves the slot as it is
 
 
+@pytest.mark.needs("op:FIXED_FD_INSTALL")
 def test_fixed_fd_install_refusals(ring: saferring.Ring, pipe: tuple[int, int]) -> None:
     """fixed_fd_install takes only a live FixedFile of this ring (TypeError, OperationStateError),
     and of an empty slot fails with EBADF from the CQE."""
-    if not ring.features.supports("FIXED_FD_INSTALL"):
-        pytest.skip("the kernel has no FIXED_FD_INSTALL (the gate is tested above)")
     (fr, _) = ring.register_files([pipe[0], -1])
     _refused_before_submission(ring, TypeError, lambda: ring.fixed_fd_install(pipe[0]))  # type: ignore[arg-type]
     assert fr is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -112,3 +113,30 @@ def test_io_uring_refused_by_the_system_is_explained(code: int, kind: str, says:
     assert says in proc.stdout
     if code == errno.EPERM:
         assert "seccomp" in proc.stdout
+
+
+def test_capabilities_are_asked_of_the_kernel(ring: saferring.Ring) -> None:
+    """Behaviour the opcode probe cannot show is found by trying it: each answer is a bool that
+    agrees with what the ring then does, the report lists it, and an unknown name is refused."""
+    from saferring.features import CAPABILITIES, kernel_can
+
+    for name, _const, release in CAPABILITIES:
+        assert isinstance(kernel_can(name), bool)
+        assert ring.features.can(name.lower()) == kernel_can(name)
+        row = ("behaviour", name, f"{release:>5}  {'yes' if kernel_can(name) else 'no'}")
+        assert row in ring.features.report()
+    with pytest.raises(ValueError, match="unknown capability"):
+        kernel_can("TELEPORT")
+    # The answers agree with the kernel's own behaviour.
+    if kernel_can("TIMEOUT_MULTISHOT"):
+        assert ring.run(ring.timeout(0.001, count=2, multishot=True)) == [None, None]
+    else:
+        with pytest.raises(saferring.UnsupportedOperationError, match=r"6\.4"):
+            ring.timeout(0.001, count=2, multishot=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        if kernel_can("SOCKET_COMMANDS"):
+            assert ring.run(ring.siocinq(udp)) == 0
+        else:
+            with pytest.raises(saferring.UnsupportedOperationError, match=r"6\.7"):
+                ring.siocinq(udp)
+    assert ring.stats().in_flight == 0

@@ -23,7 +23,8 @@ import pytest
 
 import saferring
 from saferring import OpState
-from saferring.features import kernel_at_least
+
+from _helpers import kernel_lacks
 
 LOCAL4 = "127.0.0.1"
 LOCAL6 = "::1"
@@ -742,14 +743,11 @@ def test_send_zc_errors_end_the_operation(ring: saferring.Ring,
 
 # -- socket commands (Linux 6.7) -----------------------------------------------------------
 
-def _sockcmds() -> bool:
-    return kernel_at_least(6, 7)
-
 
 def test_socket_commands_unsupported_queue_nothing(ring: saferring.Ring,
                                                    tcp_pair: tuple[socket.socket, socket.socket]) -> None:
     """Before 6.7 every socket command raises UnsupportedOperationError and queues nothing."""
-    if _sockcmds() and ring.features.supports("URING_CMD"):
+    if kernel_lacks("can:SOCKET_COMMANDS") is None:
         pytest.skip("socket commands supported (covered by the other tests)")
     client, _ = tcp_pair
     before = ring.stats().in_flight
@@ -765,7 +763,7 @@ def test_socket_commands_unsupported_queue_nothing(ring: saferring.Ring,
     assert ring.stats().in_flight == before
 
 
-needs_sockcmds = pytest.mark.skipif(not _sockcmds(), reason="socket commands need Linux 6.7")
+needs_sockcmds = pytest.mark.needs("can:SOCKET_COMMANDS")
 
 
 @needs_sockcmds

@@ -20,7 +20,7 @@ from ._guard import _exclusive
 from ._ops_base import OpsBase, addr_of
 from .constants import FUTEX2_PRIVATE, FUTEX2_SIZE_U32, FUTEX_BITSET_MATCH_ANY
 from .errors import OperationStateError, UnsupportedOperationError, os_error
-from .features import OP, OPCODES, kernel_at_least
+from .features import OP, OPCODES, kernel_can
 from .fixed import FixedFile
 from .operation import (
     SEQUENCE_MASK,
@@ -145,8 +145,10 @@ class EventOps(OpsBase):
         if multishot:
             if absolute:
                 raise ValueError("a multishot timeout is relative (absolute=False)")
-            if not kernel_at_least(6, 4):
-                raise UnsupportedOperationError("multishot timeouts came in Linux 6.4")
+            if not kernel_can("TIMEOUT_MULTISHOT"):
+                raise UnsupportedOperationError(
+                    "multishot timeouts (IORING_TIMEOUT_MULTISHOT) are not supported by this "
+                    "kernel; they came in Linux 6.4")
             op: Any = _new_op(TimeoutMultishotOperation, self, ts, self._take_flagged_ud())
             return self._queue_ext(op, OP["TIMEOUT"], -1, addr_of(ts), 1, count,
                                    flags | _TIMEOUT_MULTISHOT)
@@ -290,9 +292,7 @@ class EventOps(OpsBase):
     def _open_chain(self, chain: Chain) -> None:
         if self._chain is not None:
             raise OperationStateError("a chain is already open on this ring (chains do not nest)")
-        # Asked of the kernel, not of uname: a sync cancel of user_data 0 (never one of ours)
-        # answers ENOENT where the register opcode exists, EINVAL where it does not.
-        if chain.drain and lib.sr_sync_cancel(self._c, 0, -1, 0) == -errno.EINVAL:
+        if chain.drain and not kernel_can("SYNC_CANCEL"):
             # Everything queued after a drained request waits for everything before it, cancel
             # requests included; without IORING_REGISTER_SYNC_CANCEL (6.0) close() could wait
             # forever for an earlier request that never ends on its own.

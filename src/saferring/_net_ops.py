@@ -19,7 +19,7 @@ from ._binding import ffi, lib
 from ._guard import _exclusive
 from ._ops_base import OpsBase, addr_of
 from .errors import UnsupportedOperationError
-from .features import OP, OPCODES, kernel_at_least
+from .features import OP, OPCODES, kernel_can
 from .operation import (
     AcceptDirectMultishotOperation,
     AcceptMultishotOperation,
@@ -341,7 +341,7 @@ class NetOps(OpsBase):
 
     def _cmd_sock(self, op: Any, cmd: int, fd: Any, level: int, optname: int, optval: Any,
                   optlen: int) -> Any:
-        if not self._sup[OP["URING_CMD"]] or not kernel_at_least(6, 7):
+        if not self._sup[OP["URING_CMD"]] or not kernel_can("SOCKET_COMMANDS"):
             raise UnsupportedOperationError(
                 "socket commands (getsockopt/setsockopt/siocinq/siocoutq through io_uring) are "
                 "not supported by this kernel; they came in Linux 6.7")

@@ -1,10 +1,12 @@
 """What the running kernel's io_uring offers, read from the kernel itself, with readable names.
 
-Two sources, both asked at runtime, never guessed from ``uname``:
+Three sources, all asked at runtime, never guessed from ``uname``:
 
 * the feature bits ``io_uring_setup`` returns (``IORING_FEAT_*``);
 * the opcode probe (``IORING_REGISTER_PROBE``).  The probe itself arrived in Linux 5.6; a kernel
-  without it is older than 5.6, so only the opcodes that 5.5 had can exist there.
+  without it is older than 5.6, so only the opcodes that 5.5 had can exist there;
+* behaviour probes (:data:`CAPABILITIES`) for flags and sub-commands the opcode probe cannot
+  show: the smallest real request, tried once per process on a private ring.
 
 The version column of :data:`OPCODES` is the mainline release that brought each opcode.  It is
 used for messages ("needs Linux 6.7") and docs, never to decide what is supported.
@@ -117,6 +119,11 @@ class Features:
         """True if the kernel reported ``IORING_FEAT_<feature>`` (e.g. ``"NODROP"``)."""
         return feature.upper() in self.flags
 
+    def can(self, capability: str) -> bool:
+        """True if the kernel has the behaviour ``capability`` (see :data:`CAPABILITIES`, e.g.
+        ``"TIMEOUT_MULTISHOT"``), asked of the kernel by trying it once per process."""
+        return kernel_can(capability)
+
     def report(self) -> list[tuple[str, str, str]]:
         """Rows of (kind, name, since-release and yes/no) describing everything known."""
         rows: list[tuple[str, str, str]] = []
@@ -124,6 +131,8 @@ class Features:
             rows.append(("opcode", op.name, f"{op.since:>5}  {'yes' if op.name in self.opcodes else 'no'}"))
         for name, _bit, rel in FEATURE_BITS:
             rows.append(("feature", name, f"{rel:>5}  {'yes' if name in self.flags else 'no'}"))
+        for name, _const, rel in CAPABILITIES:
+            rows.append(("behaviour", name, f"{rel:>5}  {'yes' if kernel_can(name) else 'no'}"))
         return rows
 
 
@@ -166,21 +175,42 @@ def supported_table(supported: bytes | None, size: int = 256) -> bytearray:
     return table
 
 
-def kernel_release() -> tuple[int, int]:
-    """(major, minor) of the running kernel, from ``uname`` (0, 0 if unreadable).
+#: Kernel behaviour the opcode probe cannot show (a flag or sub-command of an opcode it reports),
+#: with the release that brought it.  Each is asked of the kernel by running the smallest real
+#: request on a private ring (``_cffi_src/kernel_probes.c``), once per process.
+CAPABILITIES: tuple[tuple[str, str, str], ...] = (
+    ("SYNC_CANCEL", "SR_CAP_SYNC_CANCEL", "6.0"),
+    ("TIMEOUT_MULTISHOT", "SR_CAP_TIMEOUT_MULTISHOT", "6.4"),
+    ("SOCKET_COMMANDS", "SR_CAP_SOCKET_COMMANDS", "6.7"),
+)
 
-    Only for features the probe cannot see (flags and sub-commands of an opcode it reports,
-    such as socket commands or multishot timeouts).
-    """
-    import re
-
-    match = re.match(r"(\d+)\.(\d+)", platform.release())
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+_capability_answers: dict[str, bool] = {}
 
 
-def kernel_at_least(major: int, minor: int) -> bool:
-    """True if the running kernel is ``major.minor`` or newer (see :func:`kernel_release`)."""
-    return kernel_release() >= (major, minor)
+def kernel_can(name: str) -> bool:
+    """True if the running kernel has the behaviour ``name`` of :data:`CAPABILITIES`
+    (e.g. ``"SOCKET_COMMANDS"``), found by trying it once; False where io_uring is unavailable."""
+    key = name.upper()
+    answer = _capability_answers.get(key)
+    if answer is None:
+        constants = {cap: const for cap, const, _rel in CAPABILITIES}
+        if key not in constants:
+            raise ValueError(f"unknown capability {name!r}; known: {sorted(constants)}")
+        try:
+            from ._uring import lib
+        except ImportError:  # not built for / not on Linux: nothing is supported
+            return False
+        answer = lib.sr_probe_capability(getattr(lib, constants[key])) == 1
+        _capability_answers[key] = answer  # a race computes the same answer twice: harmless
+    return answer
+
+
+def capability_since(name: str) -> str:
+    """The Linux release that brought capability ``name`` of :data:`CAPABILITIES`."""
+    for cap, _const, release in CAPABILITIES:
+        if cap == name.upper():
+            return release
+    raise ValueError(f"unknown capability {name!r}")
 
 
 #: The kernel releases the README's table is cut at (the last row takes everything newer).

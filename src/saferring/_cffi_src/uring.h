@@ -154,6 +154,12 @@ static const int SR_SIGINFO_SIZE;
 void sr_fill_epoll_event(void *buf, uint32_t events, uint64_t data);
 void sr_read_siginfo(const void *buf, int *out);
 
+/* kernel_probes.c: behaviour the opcode probe cannot show (1 yes, 0 no, -errno probe failed) */
+#define SR_CAP_TIMEOUT_MULTISHOT 1
+#define SR_CAP_SOCKET_COMMANDS 2
+#define SR_CAP_SYNC_CANCEL 3
+int sr_probe_capability(int which);
+
 int sr_sync_cancel(sr_ring *r, uint64_t ud, int fd, unsigned flags);
 int sr_register_files(sr_ring *r, const int *fds, unsigned n);
 int sr_register_files_sparse(sr_ring *r, unsigned n);

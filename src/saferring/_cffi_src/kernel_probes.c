@@ -1,0 +1,113 @@
+/* Behaviour probes: kernel features that the opcode probe (IORING_REGISTER_PROBE) cannot show,
+   because they are flags or sub-commands of an opcode it already reports.  Each probe runs the
+   smallest real request on a private throwaway ring and reads the kernel's answer; none touches a
+   user's ring.  Every request here completes without waiting on anything outside the probe, and
+   the wait is bounded all the same.
+
+   Returns 1 (supported), 0 (the kernel refused it as unknown), or -errno when the probe itself
+   could not run (no io_uring, no memory...).  Linked into the same module as uring.c. */
+
+#include <errno.h>
+#include <string.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <liburing.h>
+
+#define SR_CAP_TIMEOUT_MULTISHOT 1
+#define SR_CAP_SOCKET_COMMANDS 2
+#define SR_CAP_SYNC_CANCEL 3
+
+#ifndef IORING_TIMEOUT_MULTISHOT
+#define IORING_TIMEOUT_MULTISHOT (1U << 6)
+#endif
+
+/* Submit the one SQE already prepared on `ring` and return its CQE's res (or -errno). */
+static int sr_probe_one(struct io_uring *ring, int *res)
+{
+    struct io_uring_cqe *cqe = NULL;
+    struct __kernel_timespec limit = {.tv_sec = 2, .tv_nsec = 0};
+    int ret = io_uring_submit(ring);
+
+    if (ret < 0)
+        return ret;
+    ret = io_uring_wait_cqe_timeout(ring, &cqe, &limit);
+    if (ret < 0)
+        return ret;
+    *res = cqe->res;
+    io_uring_cqe_seen(ring, cqe);
+    return 0;
+}
+
+/* IORING_TIMEOUT_MULTISHOT came in 6.4; older kernels reject the unknown timeout flag with
+   EINVAL before arming anything.  count=1 makes the timeout fire once (res -ETIME) and end. */
+static int sr_probe_timeout_multishot(struct io_uring *ring)
+{
+    struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 1000};
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    int res = 0, ret;
+
+    io_uring_prep_timeout(sqe, &ts, 1, IORING_TIMEOUT_MULTISHOT);
+    ret = sr_probe_one(ring, &res);
+    if (ret < 0)
+        return ret;
+    return res == -EINVAL ? 0 : 1;
+}
+
+/* Socket commands (IORING_OP_URING_CMD on a socket) came in 6.7: before that a socket's file has
+   no uring_cmd handler and the kernel answers EOPNOTSUPP.  SIOCINQ (cmd_op 0) on an unbound UDP
+   socket answers 0 at once where it exists. */
+static int sr_probe_socket_commands(struct io_uring *ring)
+{
+    struct io_uring_sqe *sqe;
+    int res = 0, ret, fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+    if (fd < 0)
+        return -errno;
+    sqe = io_uring_get_sqe(ring);
+    io_uring_prep_rw(IORING_OP_URING_CMD, sqe, fd, NULL, 0, 0);
+    sqe->off = 0; /* cmd_op shares the off field: SOCKET_URING_OP_SIOCINQ */
+    ret = sr_probe_one(ring, &res);
+    close(fd);
+    if (ret < 0)
+        return ret;
+    return res >= 0 ? 1 : 0;
+}
+
+/* IORING_REGISTER_SYNC_CANCEL (register opcode 24) came in 6.0; older kernels reject the
+   unknown register opcode with EINVAL.  Cancelling user_data 0 on an empty ring answers ENOENT. */
+static int sr_probe_sync_cancel(struct io_uring *ring)
+{
+    struct sr_sync_cancel_reg reg;
+    long ret;
+
+    memset(&reg, 0, sizeof(reg));
+    reg.fd = -1;
+    ret = syscall(__NR_io_uring_register, ring->ring_fd, 24, &reg, 1);
+    return ret < 0 && errno == EINVAL ? 0 : 1;
+}
+
+int sr_probe_capability(int which)
+{
+    struct io_uring ring;
+    int ret = io_uring_queue_init(4, &ring, 0);
+
+    if (ret < 0)
+        return ret;
+    switch (which) {
+    case SR_CAP_TIMEOUT_MULTISHOT:
+        ret = sr_probe_timeout_multishot(&ring);
+        break;
+    case SR_CAP_SOCKET_COMMANDS:
+        ret = sr_probe_socket_commands(&ring);
+        break;
+    case SR_CAP_SYNC_CANCEL:
+        ret = sr_probe_sync_cancel(&ring);
+        break;
+    default:
+        ret = -EINVAL;
+    }
+    io_uring_queue_exit(&ring);
+    return ret;
+}
