@@ -15,9 +15,11 @@ from . import constants
 from ._chain import Chain
 from ._state import OpState
 from ._version import __version__
+from .buffers import Buffer, BufferPool, BufferRing, BufferState
 from .errors import (
     BufferBusyError,
     ForkedRingError,
+    MemlockLimitError,
     OperationCancelledError,
     OperationStateError,
     RingClosedError,
@@ -35,6 +37,8 @@ from .operation import (
     Operation,
     ReceivedMessage,
     RecvmsgResult,
+    SelectedBufferOperation,
+    SelectedBuffersOperation,
     StatxResult,
     WaitidResult,
 )
@@ -42,12 +46,17 @@ from .ring import Ring, RingStats
 
 __all__ = [
     "BatchOperation",
+    "Buffer",
     "BufferBusyError",
+    "BufferPool",
+    "BufferRing",
+    "BufferState",
     "CancelOperation",
     "Chain",
     "Features",
     "FixedFile",
     "ForkedRingError",
+    "MemlockLimitError",
     "MultishotOperation",
     "OpState",
     "Operation",
@@ -59,6 +68,8 @@ __all__ = [
     "RingClosedError",
     "RingStats",
     "SaferRingError",
+    "SelectedBufferOperation",
+    "SelectedBuffersOperation",
     "StatxResult",
     "UnsupportedOperationError",
     "UnsupportedPlatformError",

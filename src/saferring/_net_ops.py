@@ -18,6 +18,7 @@ from . import _pinning, _sockaddr
 from ._binding import ffi, lib
 from ._guard import _exclusive
 from ._ops_base import OpsBase, addr_of
+from .buffers import Buffer, BufferRing
 from .errors import UnsupportedOperationError
 from .features import OP, OPCODES, kernel_can
 from .operation import (
@@ -206,7 +207,12 @@ class NetOps(OpsBase):
 
     @_exclusive
     def send(self, fd: Any, data: Any, flags: int = 0) -> IntOperation:
-        """Queue a ``send`` of ``data`` (``MSG_*`` flags); the result is the bytes sent."""
+        """Queue a ``send`` of ``data`` (``MSG_*`` flags); the result is the bytes sent.
+
+        ``data`` may be a :class:`~saferring.Buffer` (its filled bytes), ``IN_FLIGHT`` until
+        the send ends."""
+        if type(data) is Buffer:
+            return self._send_buffer(fd, data, flags, False)  # type: ignore[no-any-return]
         self._require(OP["SEND"])
         fd, fixed = self._fd(fd)
         pin = _pinning.readable(data)
@@ -217,7 +223,13 @@ class NetOps(OpsBase):
 
     @_exclusive
     def recv(self, fd: Any, buffer: Any, flags: int = 0) -> IntOperation:
-        """Queue a ``recv`` into ``buffer``; the result is the bytes received (0: peer closed)."""
+        """Queue a ``recv`` into ``buffer``; the result is the bytes received (0: peer closed).
+
+        ``buffer`` may be a :class:`~saferring.Buffer`, or a :class:`~saferring.BufferRing` for
+        the kernel to pick a buffer from when data arrives: the result is then that ``FILLED``
+        Buffer, or ``None`` at end of stream."""
+        if type(buffer) is Buffer or type(buffer) is BufferRing:
+            return self._recv_buffer(fd, buffer, flags)  # type: ignore[no-any-return]
         self._require(OP["RECV"])
         fd, fixed = self._fd(fd)
         pin = _pinning.writable(buffer)
@@ -321,7 +333,12 @@ class NetOps(OpsBase):
 
         The result is the bytes sent; ``data`` stays pinned until the kernel's notification that
         the network stack no longer reads it, which may come well after the bytes were sent.
+        ``data`` may be a :class:`~saferring.Buffer`: one leased from this ring's
+        :class:`~saferring.BufferPool` is sent from the registered buffer
+        (``IORING_RECVSEND_FIXED_BUF``); it is ``IN_FLIGHT`` until the notification.
         """
+        if type(data) is Buffer:
+            return self._send_buffer(fd, data, flags, True)  # type: ignore[no-any-return]
         self._require(OP["SEND_ZC"])
         fd, fixed = self._fd(fd)
         pin = _pinning.readable(data)

@@ -11,6 +11,7 @@ from .operation import PathOperation, new_operation
 
 if TYPE_CHECKING:
     from ._chain import Chain
+    from .buffers import BufferPool, BufferRing
     from .fixed import FileTable, FixedFile
     from .operation import Operation
 
@@ -26,11 +27,14 @@ class OpsBase:
     """The parts of Ring the operation families build on (implemented in ring.py)."""
 
     # The state the families share lives here (the rest of Ring's slots are in ring.py).
-    __slots__ = ("_chain", "_files", "_ring_fd_registered")
+    __slots__ = ("_buffer_work", "_chain", "_files", "_groups", "_pool", "_ring_fd_registered")
 
     _chain: Chain | None
     _files: FileTable | None
     _ring_fd_registered: bool
+    _pool: BufferPool | None  # the registered buffer table's pool
+    _groups: dict[int, BufferRing]  # provided buffer groups by id
+    _buffer_work: bool  # buffers came back, or requests wait for one: see _service_buffers
 
     if TYPE_CHECKING:
         _c: Any
@@ -54,6 +58,13 @@ class OpsBase:
         def _queue_with(self, op: Any, prep: Any, *args: Any) -> Any: ...
         def _prep_retry(self, ud: int, rc: int, prep: Any, *args: Any) -> None: ...
         def _direct_slot(self, slot: int | None, op: Any = None) -> tuple[int, int]: ...
+        def _read_buffer(self, fd: Any, buffer: Any, offset: int) -> Any: ...
+        def _write_buffer(self, fd: Any, buffer: Any, offset: int) -> Any: ...
+        def _recv_buffer(self, fd: Any, buffer: Any, flags: int) -> Any: ...
+        def _send_buffer(self, fd: Any, buffer: Any, flags: int, zc: bool) -> Any: ...
+        def _service_buffers(self) -> None: ...
+        def _rearm(self, op: Any) -> bool: ...
+        def _finish_starved(self, op: Any) -> None: ...
 
     def _plain_op(self, label: str, pins: Any, path: Any = None, path2: Any = None) -> PathOperation:
         """A new operation whose result is the CQE's ``res`` and whose errors name ``label``

@@ -192,6 +192,10 @@ def pinned_bytes(pins: Any) -> int:
         if isinstance(item, (tuple, list)):
             stack.extend(item)
             continue
+        sizer = getattr(type(item), "_pinned_size", None)
+        if sizer is not None:  # library objects (a Buffer, a duplicated descriptor...)
+            total += sizer(item)
+            continue
         # A pointer owns what it points to (a struct, var-sized ones included); arrays and
         # from_buffer views know their own size.
         ctype = ffi.typeof(item)

@@ -60,6 +60,11 @@ class BufferBusyError(SaferRingError, BufferError):
     """A buffer is owned by the kernel (an operation using it is in flight) and cannot be touched."""
 
 
+class MemlockLimitError(SaferRingError, MemoryError):
+    """The kernel could not pin registered buffers: ``RLIMIT_MEMLOCK`` is too low (the message
+    says what it is and how to raise it)."""
+
+
 class OperationCancelledError(SaferRingError, OSError):
     """The operation ended because it was cancelled (its CQE carried ``-ECANCELED``/``-EINTR``).
 

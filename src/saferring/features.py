@@ -179,7 +179,9 @@ def supported_table(supported: bytes | None, size: int = 256) -> bytearray:
 #: with the release that brought it.  Each is asked of the kernel by running the smallest real
 #: request on a private ring (``_cffi_src/kernel_probes.c``), once per process.
 CAPABILITIES: tuple[tuple[str, str, str], ...] = (
+    ("BUF_RING", "SR_CAP_BUF_RING", "5.19"),
     ("SYNC_CANCEL", "SR_CAP_SYNC_CANCEL", "6.0"),
+    ("RECV_MULTISHOT", "SR_CAP_RECV_MULTISHOT", "6.0"),
     ("TIMEOUT_MULTISHOT", "SR_CAP_TIMEOUT_MULTISHOT", "6.4"),
     ("SOCKET_COMMANDS", "SR_CAP_SOCKET_COMMANDS", "6.7"),
 )

@@ -24,6 +24,9 @@ from ._state import ALLOWED, CANCELLED, COMPLETED, FAILED, QUEUED, SUBMITTED, Ac
 from .errors import OperationStateError, cancelled_error, os_error
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .buffers import Buffer
     from .fixed import FixedFile
     from .ring import Ring
 
@@ -59,6 +62,10 @@ class Operation(Generic[T]):
     kind: ClassVar[str] = "nop"
     #: Negative results that mean success for this kind (e.g. ``ETIME`` for a timeout).
     _ok_errnos: ClassVar[frozenset[int]] = frozenset()
+    #: The completion loop keeps each CQE's flags with its value (provided-buffer ids).
+    _wants_flags: ClassVar[bool] = False
+    #: A final CQE may re-arm the request instead of ending it (see Ring._rearm).
+    _rearms: ClassVar[bool] = False
 
     _ring: Ring
     _res: int | None
@@ -670,6 +677,136 @@ class AcceptDirectMultishotOperation(MultishotOperation["FixedFile"]):
             # slot was touched since the request was queued (it may hold another file).
             return self._ring._fixed_handle(res, True, self._table, self._since)
         return res  # type: ignore[no-any-return]
+
+
+class BufferIoOperation(IntOperation):
+    """A read, write, recv, send (or their fixed-buffer forms) on a :class:`~saferring.Buffer`:
+    the result is the byte count, and the buffer is ``IN_FLIGHT`` until the final CQE."""
+
+    __slots__ = ("_label",)
+    _label: str
+
+    def _what(self) -> str:
+        return f"{getattr(self, '_label', self.kind)}, user_data={self.user_data}"
+
+
+class BufferSendZcOperation(SendZcOperation):
+    """A zero-copy send from a :class:`~saferring.Buffer` (a registered one where it can): the
+    buffer stays ``IN_FLIGHT`` until the kernel's notification."""
+
+    __slots__ = ()
+
+
+class SelectedBuffersOperation(MultishotOperation["Buffer"]):
+    """Receives or reads whose buffers the kernel picks from a :class:`~saferring.BufferRing`
+    (``recv_multishot``, ``read_multishot``): each value is a ``FILLED``
+    :class:`~saferring.Buffer`, yours until you release it.
+
+    The operation ends at end of stream (COMPLETED), on an error (FAILED) or when cancelled.
+    When the ring runs out of buffers the kernel stops the request (``-ENOBUFS``) without
+    consuming data; the library arms it again as soon as a buffer comes back, so no byte is lost
+    and the order is kept.  Where the kernel has no multishot form of the request, the library
+    re-arms a single-shot one after each completion instead (``single_shot``).
+    """
+
+    __slots__ = ("_args", "_armed_gen", "_bufring", "_keep", "_label", "_last_flags", "_rstate",
+                 "_single", "_starved")
+    _wants_flags = True
+    _rearms = True
+    _plain_values = False
+
+    _args: tuple[Any, ...]  # what re-arming needs: (opcode, fd, len, off, op_flags, sqe_flags, ioprio)
+    _armed_gen: int  # the buffer ring's generation when the request was last armed
+    _bufring: Any
+    _keep: Any  # what must outlive the request (a dup of the descriptor)
+    _label: str
+    _last_flags: int  # flags of the final CQE (its buffer id)
+    _rstate: int  # 1 while a re-arm that already kept its CQE's data is under way
+    _single: bool  # re-arm after every completion (no multishot form)
+    _starved: bool  # waiting for a buffer to come back (no request in the kernel)
+
+    @property
+    def single_shot(self) -> bool:
+        """True if the library re-arms a single-shot request after each completion (what
+        kernels without the multishot form get)."""
+        return self._single
+
+    def _what(self) -> str:
+        return f"{getattr(self, '_label', self.kind)}, user_data={self.user_data}"
+
+    def _settle(self) -> None:
+        # The final CQE can carry data (and a buffer) too: keep it once (recovery may re-run).
+        res = self._res
+        if res is not None and res > 0 and not getattr(self, "_last_added", False):
+            self._last_added = True
+            self._items.append((res, getattr(self, "_last_flags", 0)))
+        elif res is not None and res <= 0 and getattr(self, "_last_flags", 0) & 1:
+            # A buffer picked for a request that then got no data: straight back to the ring.
+            flags = self._last_flags
+            self._last_flags = 0
+            self._bufring._take(0, flags)
+
+    def _convert(self, item: Any) -> Any:
+        res, flags = item
+        return self._bufring._take(res, flags)
+
+    def take(self) -> list[Buffer]:
+        """The buffers filled since the last call (oldest first), each ``FILLED`` and yours to
+        release."""
+        items = getattr(self, "_items", None)
+        if not items:
+            return []
+        out = []
+        while items:
+            buf = self._convert(items.popleft())
+            if buf is not None:
+                out.append(buf)
+        return out
+
+    def __iter__(self) -> Iterator[Buffer]:
+        """Yield buffers as they arrive, waiting on the ring, until the operation ends (then
+        raise its error, if it failed)."""
+        ring = self._ring
+        while True:
+            got = self.take()
+            yield from got
+            if self._res is not None and not self._items:
+                if self._state is not COMPLETED:
+                    self.result()  # raises the error (or the cancellation)
+                return
+            if not got:
+                ring.wait(1, timeout=1.0)
+
+    def __del__(self) -> None:
+        # Values never taken hold buffer ids: hand them back to the kernel.
+        for item in getattr(self, "_items", ()):
+            try:
+                _res, flags = item
+                if flags & 1:
+                    self._bufring._returned.append(flags >> 16)
+                    self._bufring._ring._buffer_work = True
+            except Exception:  # noqa: BLE001 - a finaliser must not raise
+                pass
+
+
+class SelectedBufferOperation(SelectedBuffersOperation):
+    """One ``recv``/``read`` into a buffer the kernel picks from a
+    :class:`~saferring.BufferRing`: the result is that ``FILLED`` :class:`~saferring.Buffer`,
+    or ``None`` at end of stream.  It waits for a buffer if the ring is empty."""
+
+    __slots__ = ("_result",)
+    _result: Any
+
+    def _value(self, res: int) -> Any:
+        try:
+            return self._result
+        except AttributeError:
+            got = self.take()
+            self._result = got[0] if got else None
+            return self._result
+
+    def __iter__(self) -> Iterator[Buffer]:
+        raise TypeError("a single recv/read has one result: use ring.run(op) or op.result()")
 
 
 class TimeoutOperation(Operation[None]):

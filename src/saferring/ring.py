@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 from . import _pinning
 from ._binding import LIBURING_VERSION, UNAVAILABLE_REASON, ffi, lib
+from ._buffer_ops import BufferOps
 from ._chain import Chain
 from ._event_ops import EventOps
 from ._file_ops import FileOps
@@ -57,6 +58,7 @@ from ._registration import Registration
 from ._state import CANCELLED as _CANCELLED
 from ._state import COMPLETED as _COMPLETED
 from ._state import FAILED as _FAILED
+from .buffers import Buffer, BufferRing
 from .errors import (
     ForkedRingError,
     OperationStateError,
@@ -119,6 +121,7 @@ _BATCH_TABLE = 4096  # SR_BATCH_TABLE in uring.c
 _NEG_ECANCELED = -errno.ECANCELED
 _NEG_EINTR = -errno.EINTR
 _F_MORE = 1 << 1  # IORING_CQE_F_MORE
+_LIBRARY_BUFFERS = (Buffer, BufferRing)  # read() targets that are not caller memory
 
 
 def _addr(cdata: Any) -> int:
@@ -176,7 +179,7 @@ class RingStats(NamedTuple):
     """CQEs reaped since the ring was created."""
 
 
-class Ring(FileOps, NetOps, EventOps, Registration):
+class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
     """A safe io_uring instance.
 
     ``entries`` is the submission queue size (rounded up to a power of two by the kernel); the
@@ -254,6 +257,9 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         self._drained = False  # a drained chain was queued: cancel through the register path
         self._chain: Chain | None = None
         self._files: FileTable | None = None
+        self._pool = None
+        self._groups = {}
+        self._buffer_work = False
         if lib is None:
             raise UnsupportedPlatformError(f"saferring cannot create a Ring: {UNAVAILABLE_REASON}")
 
@@ -368,6 +374,9 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         self._ready = []
         self._backlog = None
         self._internal.clear()
+        for owner in [self._pool, *self._groups.values()]:
+            if owner is not None:
+                owner._ring_closed()
 
     def _drain(self, deadline: float | None = None) -> None:
         """Cancel all in-flight operations and reap until every one has its final CQE
@@ -659,6 +668,8 @@ class Ring(FileOps, NetOps, EventOps, Registration):
             if offset < -1:
                 raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
             if type(buffer) is not bytearray:
+                if type(buffer) in _LIBRARY_BUFFERS:
+                    return self._read_buffer(fd, buffer, offset)  # type: ignore[no-any-return]
                 _pinning.check_exporter(buffer, True)
             try:
                 pin = _from_buffer("char[]", buffer, True)
@@ -700,6 +711,8 @@ class Ring(FileOps, NetOps, EventOps, Registration):
             if offset < -1:
                 raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
             if type(data) is not bytes:
+                if type(data) is Buffer:
+                    return self._write_buffer(fd, data, offset)  # type: ignore[no-any-return]
                 _pinning.check_exporter(data, False)
             try:
                 pin = _from_buffer(data)
@@ -978,6 +991,9 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         self._submit()
 
     def _queue_cancel(self, op: Operation[Any]) -> None:
+        if getattr(op, "_starved", False):  # waiting for a buffer: nothing in the kernel
+            self._finish_starved(op)  # type: ignore[arg-type]
+            return
         if isinstance(op, BatchOperation):
             for member in op._member_user_data():
                 self._queue_cancel_ud(op, member)
@@ -1010,6 +1026,8 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         return self._submit()
 
     def _submit(self) -> int:
+        if self._buffer_work:
+            self._service_buffers()
         rc = lib.sr_submit(self._c)
         for _ in range(1000):
             if rc >= 0:
@@ -1056,6 +1074,8 @@ class Ring(FileOps, NetOps, EventOps, Registration):
                 timeout_ns, deadline = -1, 0.0
             else:
                 timeout_ns, deadline = _deadline(timeout)
+            if self._buffer_work:
+                self._service_buffers()
             cap = self._cq_size
             while True:
                 need = min_complete - len(self._ready)
@@ -1151,12 +1171,14 @@ class Ring(FileOps, NetOps, EventOps, Registration):
                 if flags & _F_MORE and ud & _UD_FLAGGED:
                     # Recorded by a builtin (deque.append) before any Python call: a signal
                     # cannot lose the value (an accepted descriptor, a send's byte count).
-                    op._items.append(res)  # type: ignore[attr-defined]  # flagged kinds have it
+                    op._items.append((res, flags) if op._wants_flags else res)  # type: ignore[attr-defined]  # flagged kinds have it
                     self._list_ready(op)
                     if type(op) is AcceptDirectMultishotOperation:
                         op._arrived()
                 else:
                     self._cur = op
+                    if op._wants_flags:  # the final CQE's buffer id
+                        op._last_flags = flags  # type: ignore[attr-defined]
                     op._res = res
                     self._finish(op)
             else:
@@ -1245,6 +1267,8 @@ class Ring(FileOps, NetOps, EventOps, Registration):
         """Record the end of ``op`` (its ``_res`` is set) outside the hot loop.  Listed as ready
         before it leaves the registry: if a signal interrupts in between, _finish_orphans
         finds it again, and the ready list still has it once."""
+        if op._rearms and self._rearm(op):  # type: ignore[arg-type]
+            return  # the request goes on (re-armed, or waiting for a buffer)
         op._settle()
         res = op._res if op._res is not None else 0
         op._state = op._final_state(res) if res < 0 else _COMPLETED

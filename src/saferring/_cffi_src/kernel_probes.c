@@ -5,12 +5,13 @@
    the wait is bounded all the same.
 
    Returns 1 (supported), 0 (the kernel refused it as unknown), or -errno when the probe itself
-   could not run (no io_uring, no memory...).  Linked into the same module as uring.c. */
+   could not run (no io_uring, no memory...).  Linked after uring.c and buffers.c. */
 
 #include <errno.h>
 #include <string.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <liburing.h>
@@ -18,6 +19,8 @@
 #define SR_CAP_TIMEOUT_MULTISHOT 1
 #define SR_CAP_SOCKET_COMMANDS 2
 #define SR_CAP_SYNC_CANCEL 3
+#define SR_CAP_BUF_RING 4
+#define SR_CAP_RECV_MULTISHOT 5
 
 #ifndef IORING_TIMEOUT_MULTISHOT
 #define IORING_TIMEOUT_MULTISHOT (1U << 6)
@@ -88,6 +91,88 @@ static int sr_probe_sync_cancel(struct io_uring *ring)
     return ret < 0 && errno == EINVAL ? 0 : 1;
 }
 
+/* Provided buffer rings (IORING_REGISTER_PBUF_RING, 22) came in 5.19; older kernels reject the
+   register opcode with EINVAL.  A one-entry ring on a fresh page, unregistered at once. */
+static int sr_probe_buf_ring(struct io_uring *ring)
+{
+    struct sr_buf_reg reg;
+    void *mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    long ret;
+    int err;
+
+    if (mem == MAP_FAILED)
+        return -errno;
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (uint64_t)(uintptr_t)mem;
+    reg.ring_entries = 1;
+    ret = syscall(__NR_io_uring_register, ring->ring_fd, 22, &reg, 1);
+    err = errno;
+    if (ret >= 0)
+        syscall(__NR_io_uring_register, ring->ring_fd, 23, &reg, 1);
+    munmap(mem, 4096);
+    if (ret >= 0)
+        return 1;
+    return err == EINVAL ? 0 : -err;
+}
+
+/* Multishot recv (IORING_RECV_MULTISHOT in the SQE's ioprio) came in 6.0; older kernels reject
+   the flag with EINVAL.  One byte waits on a socketpair and one provided buffer is there to take
+   it; the request ends by itself (no buffer left, or end of stream) and its final CQE (no
+   IORING_CQE_F_MORE) is awaited.  The buffer is static: it outlives the probe even if the kernel
+   were still to hold it. */
+static char sr_probe_recv_buf[16];
+
+static int sr_probe_recv_multishot(struct io_uring *ring)
+{
+    struct io_uring_cqe *cqe;
+    struct io_uring_sqe *sqe;
+    struct __kernel_timespec limit = {.tv_sec = 2, .tv_nsec = 0};
+    int sv[2], res = 0, ret, saw_more = 0, i;
+
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return -errno;
+    if (write(sv[1], "x", 1) != 1 || shutdown(sv[1], SHUT_WR) < 0) {
+        ret = -errno;
+        goto out;
+    }
+    sqe = io_uring_get_sqe(ring);
+    io_uring_prep_provide_buffers(sqe, sr_probe_recv_buf, sizeof(sr_probe_recv_buf), 1, 7, 0);
+    ret = sr_probe_one(ring, &res);
+    if (ret < 0 || res < 0) {
+        ret = ret < 0 ? ret : res;
+        goto out;
+    }
+    sqe = io_uring_get_sqe(ring);
+    io_uring_prep_rw(IORING_OP_RECV, sqe, sv[0], NULL, 0, 0);
+    sqe->ioprio = 1U << 1; /* IORING_RECV_MULTISHOT */
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = 7;
+    ret = io_uring_submit(ring);
+    if (ret < 0)
+        goto out;
+    for (i = 0; i < 8; i++) {
+        unsigned flags;
+
+        ret = io_uring_wait_cqe_timeout(ring, &cqe, &limit);
+        if (ret < 0)
+            goto out;
+        res = cqe->res;
+        flags = cqe->flags;
+        io_uring_cqe_seen(ring, cqe);
+        if (flags & IORING_CQE_F_MORE) {
+            saw_more = 1;
+            continue;
+        }
+        ret = saw_more || res != -EINVAL ? 1 : 0;
+        goto out;
+    }
+    ret = -ETIME;
+out:
+    close(sv[0]);
+    close(sv[1]);
+    return ret;
+}
+
 int sr_probe_capability(int which)
 {
     struct io_uring ring;
@@ -104,6 +189,12 @@ int sr_probe_capability(int which)
         break;
     case SR_CAP_SYNC_CANCEL:
         ret = sr_probe_sync_cancel(&ring);
+        break;
+    case SR_CAP_BUF_RING:
+        ret = sr_probe_buf_ring(&ring);
+        break;
+    case SR_CAP_RECV_MULTISHOT:
+        ret = sr_probe_recv_multishot(&ring);
         break;
     default:
         ret = -EINVAL;

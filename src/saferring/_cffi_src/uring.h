@@ -154,10 +154,20 @@ static const int SR_SIGINFO_SIZE;
 void sr_fill_epoll_event(void *buf, uint32_t events, uint64_t data);
 void sr_read_siginfo(const void *buf, int *out);
 
+/* buffers.c: registered buffers and provided buffer rings (addresses of Python-owned memory) */
+int sr_register_buffers(sr_ring *r, const uint64_t *addrs, unsigned size, unsigned n);
+int sr_unregister_buffers(sr_ring *r);
+int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsigned bgid);
+int sr_unregister_buf_ring(sr_ring *r, unsigned bgid);
+void sr_buf_ring_provide(uint64_t ring_addr, unsigned mask, const uint64_t *addrs, unsigned size,
+                         const uint16_t *bids, unsigned n);
+
 /* kernel_probes.c: behaviour the opcode probe cannot show (1 yes, 0 no, -errno probe failed) */
 #define SR_CAP_TIMEOUT_MULTISHOT 1
 #define SR_CAP_SOCKET_COMMANDS 2
 #define SR_CAP_SYNC_CANCEL 3
+#define SR_CAP_BUF_RING 4
+#define SR_CAP_RECV_MULTISHOT 5
 int sr_probe_capability(int which);
 
 int sr_sync_cancel(sr_ring *r, uint64_t ud, int fd, unsigned flags);
