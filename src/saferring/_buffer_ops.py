@@ -17,16 +17,18 @@ order of the steps, which a signal handler raising in between must not break.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from . import _pinning
-from ._binding import lib
+from ._binding import ffi, lib
 from ._guard import _BUSY, _NO_OWNER, _exclusive, _get_ident
 from ._net_ops import _MSG_RECV, _MSG_SEND, _msg_flags
 from ._ops_base import OpsBase
-from .buffers import Buffer, BufferPool, BufferRing, memlock_error
+from .buffers import RELEASED, Buffer, BufferPool, BufferRing, memlock_error
 from .errors import OperationStateError, UnsupportedOperationError, os_error
 from .features import OP, kernel_can
 from .fixed import FixedFile
@@ -40,7 +42,7 @@ from .operation import (
 )
 
 if TYPE_CHECKING:
-    from .operation import Operation
+    from .operation import BatchOperation, Operation
 
 _new_op = new_operation
 _BUFFER_SELECT = 1 << 5  # IOSQE_BUFFER_SELECT
@@ -83,6 +85,7 @@ class BufferOps(OpsBase):
         _internal: dict[int, Any]
 
         def _finish(self, op: Operation[Any]) -> None: ...
+        def _batch(self, count: int, kind: str, pins: Any, prep: Any, *args: Any) -> Any: ...
         def _list_ready(self, op: Operation[Any]) -> None: ...
 
     # -- registered buffers ------------------------------------------------------------------
@@ -290,14 +293,14 @@ class BufferOps(OpsBase):
 
     # -- operations --------------------------------------------------------------------------
 
-    def _lend(self, op: Any, buf: Buffer, reading: bool, fixed: bool) -> int:
+    def _lend(self, op: Any, buf: Buffer, reading: bool, fixed: bool, member: int = -1) -> int:
         if fixed:
             pool = self._pool
             if buf._owner is not pool or pool is None or pool.closed:
                 raise OperationStateError(
                     "read_fixed/write_fixed need a buffer leased from this ring's open "
                     "BufferPool (pool.lease())")
-        return buf._lend(op, reading)
+        return buf._lend(op, reading, member)
 
     def _buffer_io(self, label: str, opcode: int, fd: Any, buf: Buffer, reading: bool,
                    off: int, op_flags: int, length: int | None, fixed: bool,
@@ -344,6 +347,68 @@ class BufferOps(OpsBase):
         off = _offset(offset)
         return self._buffer_io("write_fixed", OP["WRITE_FIXED"], fd, _buffer(buffer), False,  # type: ignore[no-any-return]
                                off, 0, length, True)
+
+    @_exclusive
+    def read_fixed_many(self, fd: Any, buffers: Any, offsets: Any,
+                        length: int | None = None) -> BatchOperation:
+        """Queue one ``read_fixed`` per buffer as one :class:`~saferring.BatchOperation` (one
+        call into C): ``buffers[i]`` (leased from this ring's pool) reads ``length`` bytes
+        (default: the pool's buffer size) at ``offsets[i]`` (>= 0).  Each buffer is
+        ``IN_FLIGHT`` until the batch ends, then ``FILLED`` with its own read's byte count."""
+        self._require(OP["READ_FIXED"])
+        pool = self._pool
+        if pool is None or pool._closed:
+            raise OperationStateError("read_fixed_many needs this ring's open BufferPool")
+        bufs = list(buffers)
+        try:
+            offs = array.array("Q", offsets)
+        except OverflowError:
+            raise ValueError("offsets must be >= 0 (and below 2**64)") from None
+        except TypeError:
+            raise TypeError("offsets must be a sequence of ints") from None
+        if not bufs or len(bufs) != len(offs):
+            raise ValueError(f"need one offset per buffer (and at least one): got {len(bufs)} "
+                             f"buffers, {len(offs)} offsets")
+        slab = pool._slab
+        size = slab.size
+        if length is None:
+            length = size
+        elif type(length) is not int or not 0 <= length <= size:
+            raise ValueError(f"length must be an int between 0 and {size}, got {length!r}")
+        fd, sqe_flags = self._fd(fd)
+        if sqe_flags:
+            raise TypeError("read_fixed_many takes a descriptor, not a FixedFile")
+        # The checks _lend makes, once per buffer, without a call per check (this is the
+        # batch path: 32 buffers per call are common).
+        index = array.array("H")
+        maps, baseline, refs = slab.maps, slab._baseline, sys.getrefcount
+        for buf in bufs:
+            if type(buf) is not Buffer or buf._owner is not pool:
+                raise OperationStateError("read_fixed_many needs buffers leased from this "
+                                          "ring's BufferPool")
+            prev = buf._op
+            if (prev is not None and prev._res is None) or buf._state is RELEASED:
+                buf._usable("hand it to the kernel")  # raises
+            i = buf._index
+            if refs(maps[i]) > baseline:  # slab.views_alive(i), inlined
+                buf._no_views("hand it to the kernel")
+            index.append(i)
+        if len(set(index)) != len(index):
+            raise ValueError("a buffer appears twice in buffers")
+        table = slab.addrs
+        addrs = array.array("Q", [table[i] for i in index])
+        op = self._batch(len(bufs), "read_fixed", bufs, lib.sr_prep_fixed_blocks,
+                         OP["READ_FIXED"], fd, ffi.from_buffer("uint64_t[]", addrs),
+                         ffi.from_buffer("uint16_t[]", index), length,
+                         ffi.from_buffer("uint64_t[]", offs))
+        # Marked once the batch exists (if it already ended, the state reads its end at once):
+        # each buffer reads its own member's result.  Should _batch raise after some members
+        # were queued, those buffers are not marked, but the batch pins them until it ends.
+        for member, buf in enumerate(bufs):
+            buf._op = op
+            buf._reading = True
+            buf._member = member
+        return op  # type: ignore[no-any-return]
 
     def _read_buffer(self, fd: Any, buffer: Any, offset: int) -> Any:
         """``ring.read`` with a :class:`Buffer` or a :class:`BufferRing` (called by read())."""

@@ -171,6 +171,11 @@ class NetOps(OpsBase):
         return self._queue_ext(op, OP["ACCEPT"], fd, addr_of(addr), 0, addr_of(addrlen), flags,
                                fixed)
 
+    def accept_multishot(self, fd: Any, *, flags: int = _socket.SOCK_CLOEXEC) -> Any:
+        """``accept(fd, multishot=True)``: one request accepting connection after connection
+        (Linux 5.19); iterate over it, or collect with ``ring.wait()`` and ``op.take()``."""
+        return self.accept(fd, multishot=True, flags=flags)
+
     @_exclusive
     def accept_direct(self, fd: Any, *, multishot: bool = False, slot: int | None = None,
                       flags: int = 0) -> Any:

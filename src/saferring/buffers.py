@@ -115,7 +115,8 @@ class Buffer:
     then dead (``RELEASED``).  It is refused while a memoryview from :meth:`view` is alive.
     """
 
-    __slots__ = ("__weakref__", "_index", "_n", "_op", "_owner", "_reading", "_slab", "_state")
+    __slots__ = ("__weakref__", "_index", "_member", "_n", "_op", "_owner", "_reading", "_slab",
+                 "_state")
 
     _slab: _Slab
     _index: int
@@ -124,6 +125,7 @@ class Buffer:
     _n: int
     _op: Any  # the operation using the buffer while in flight
     _reading: bool  # that operation fills the buffer (else it only reads it)
+    _member: int  # the buffer's member index when that operation is a batch (else -1)
 
     def __init__(self, size: int) -> None:
         if hasattr(self, "_slab"):
@@ -139,6 +141,7 @@ class Buffer:
         self._n = n
         self._op = None
         self._reading = False
+        self._member = -1
 
     @classmethod
     def _make(cls, slab: _Slab, index: int, owner: Any, state: BufferState, n: int) -> Buffer:
@@ -166,6 +169,8 @@ class Buffer:
             if res is None:
                 return IN_FLIGHT
             self._op = None
+            if self._member >= 0:  # a batch member: its own result, from the C batch
+                res = int(op._out.res[self._member])
             if self._reading:
                 # The final CQE decides: what was read, or nothing valid after a failure.
                 if res >= 0:
@@ -205,13 +210,14 @@ class Buffer:
                 "object built on one) is still alive; release it (view.release(), del, or "
                 "'with buf.view() as v:') first")
 
-    def _lend(self, op: Any, reading: bool) -> int:
+    def _lend(self, op: Any, reading: bool, member: int = -1) -> int:
         """Hand the buffer to the kernel for ``op`` (called by the ring before queuing);
         returns its address.  Refused while in flight, released, or viewed."""
         self._usable("hand it to the kernel")
         self._no_views("hand it to the kernel")
         self._op = op
         self._reading = reading
+        self._member = member
         return int(self._slab.addrs[self._index])
 
     def _unlend(self) -> None:
@@ -224,9 +230,11 @@ class Buffer:
         """A writable memoryview of the filled bytes (``whole=True``: of the full capacity, to
         fill in place, then :meth:`mark_filled`).  Use ``with buf.view() as v:`` or release it
         before handing the buffer back to the kernel or its owner."""
-        self._usable("view it")
-        end = self._slab.size if whole else self.nbytes
-        return memoryview(self._slab.maps[self._index])[:end]
+        if self._op is not None or self._state is RELEASED:
+            self._usable("view it")  # raises, unless the operation has just ended
+        slab = self._slab
+        end = slab.size if whole else (self._n if self._state is FILLED else 0)
+        return memoryview(slab.maps[self._index])[:end]
 
     def tobytes(self) -> bytes:
         """A copy of the filled bytes."""

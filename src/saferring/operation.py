@@ -597,6 +597,21 @@ class MultishotOperation(Operation[list[V]]):
         self._items = collections.deque()
         return out
 
+    def __iter__(self) -> Iterator[V]:
+        """Yield the values as they arrive, waiting on the ring, until the operation ends; then
+        raise its error if it failed or was cancelled.  Other operations that finish meanwhile
+        stay in the ring's ready list for your next ``wait()``."""
+        ring = self._ring
+        while True:
+            got = self.take()
+            yield from got
+            if self._res is not None and not getattr(self, "_items", None):
+                if self._state is not COMPLETED:
+                    self.result()  # raises the error (or the cancellation)
+                return
+            if not got:
+                ring._pump(1_000_000_000)
+
     def pending(self) -> int:
         """How many values are waiting to be taken."""
         return len(getattr(self, "_items", ()))
@@ -762,20 +777,6 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
             if buf is not None:
                 out.append(buf)
         return out
-
-    def __iter__(self) -> Iterator[Buffer]:
-        """Yield buffers as they arrive, waiting on the ring, until the operation ends (then
-        raise its error, if it failed)."""
-        ring = self._ring
-        while True:
-            got = self.take()
-            yield from got
-            if self._res is not None and not self._items:
-                if self._state is not COMPLETED:
-                    self.result()  # raises the error (or the cancellation)
-                return
-            if not got:
-                ring.wait(1, timeout=1.0)
 
     def __del__(self) -> None:
         # Values never taken hold buffer ids: hand them back to the kernel.

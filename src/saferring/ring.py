@@ -1097,6 +1097,15 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
 
     @_exclusive
+    def _pump(self, timeout_ns: int) -> None:
+        """Submit and wait for at least one CQE (or ``timeout_ns``), keeping what finished in
+        the ready list for the caller's next ``wait()`` (used by iterating over a multishot
+        operation, which must not take other operations' completions away)."""
+        if self._buffer_work:
+            self._service_buffers()
+        self._reap(1, timeout_ns)
+
+    @_exclusive
     def run(self, op: Operation[Any]) -> Any:
         """Submit, wait until ``op`` has finished, and return ``op.result()`` (or raise it).
 

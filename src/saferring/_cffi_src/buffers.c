@@ -91,3 +91,25 @@ void sr_buf_ring_provide(uint64_t ring_addr, unsigned mask, const uint64_t *addr
                               (int)i);
     io_uring_buf_ring_advance(br, (int)n);
 }
+
+/* A batch of fixed-buffer reads or writes: member m uses registered buffer index[m] (at
+   addrs[m], `len` bytes) and file offset offs[m].  Shaped like sr_prep_rw_blocks. */
+int sr_prep_fixed_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int fd,
+                         const uint64_t *addrs, const uint16_t *index, unsigned len,
+                         const uint64_t *offs)
+{
+    unsigned i;
+    int err = 0;
+
+    for (i = 0; i < count && b->prepared < b->n; i++) {
+        unsigned m = b->prepared;
+        struct io_uring_sqe *sqe = sr_get_sqe(r, &err, SR_LIMIT_USER);
+        if (!sqe)
+            break;
+        io_uring_prep_rw(opcode, sqe, fd, (void *)(uintptr_t)addrs[m], len, offs[m]);
+        sqe->buf_index = index[m];
+        sr_finish_sqe(r, sqe, sr_member_ud(b, m), b->ud);
+        b->prepared++;
+    }
+    return i ? (int)i : err;
+}

@@ -161,6 +161,9 @@ int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsig
 int sr_unregister_buf_ring(sr_ring *r, unsigned bgid);
 void sr_buf_ring_provide(uint64_t ring_addr, unsigned mask, const uint64_t *addrs, unsigned size,
                          const uint16_t *bids, unsigned n);
+int sr_prep_fixed_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int fd,
+                         const uint64_t *addrs, const uint16_t *index, unsigned len,
+                         const uint64_t *offs);
 
 /* kernel_probes.c: behaviour the opcode probe cannot show (1 yes, 0 no, -errno probe failed) */
 #define SR_CAP_TIMEOUT_MULTISHOT 1
@@ -214,6 +217,14 @@ void io_uring_prep_readv(struct io_uring_sqe *sqe, int fd, const struct iovec *i
 void io_uring_prep_writev(struct io_uring_sqe *sqe, int fd, const struct iovec *iovecs,
                           unsigned nr_vecs, uint64_t offset);
 void io_uring_prep_fsync(struct io_uring_sqe *sqe, int fd, unsigned fsync_flags);
+void io_uring_prep_read_fixed(struct io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes,
+                              uint64_t offset, int buf_index);
+void io_uring_prep_recv(struct io_uring_sqe *sqe, int sockfd, void *buf, size_t len, int flags);
+void io_uring_prep_send(struct io_uring_sqe *sqe, int sockfd, const void *buf, size_t len,
+                        int flags);
+int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs,
+                              unsigned nr_iovecs);
+int io_uring_unregister_buffers(struct io_uring *ring);
 void io_uring_prep_timeout(struct io_uring_sqe *sqe, struct __kernel_timespec *ts,
                            unsigned count, unsigned flags);
 int io_uring_submit(struct io_uring *ring);
