@@ -268,20 +268,57 @@ def test_timeout_bad_count(ring: saferring.Ring) -> None:
     assert ring.stats().in_flight == 0
 
 
-def test_timeout_multishot(ring: saferring.Ring) -> None:
-    """A multishot timeout (6.4) fires count times, one None each, then ends COMPLETED; before
-    6.4 it raises UnsupportedOperationError and queues nothing."""
-    if kernel_lacks("can:TIMEOUT_MULTISHOT"):
-        with pytest.raises(saferring.UnsupportedOperationError, match=r"6\.4"):
-            ring.timeout(0.01, count=3, multishot=True)
-        assert ring.stats().in_flight == 0
-        return
+@pytest.fixture(params=["kernel", "fallback"])
+def multishot_timeouts(request: pytest.FixtureRequest,
+                       monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """Run a test with the kernel's multishot timeouts (where it has them, 6.4) and with the
+    library's fallback (a single-shot timeout re-armed at each expiry), which older kernels
+    get.  Yields whether the fallback is in use."""
+    from saferring import features
+
+    if request.param == "kernel":
+        if kernel_lacks("can:TIMEOUT_MULTISHOT"):
+            pytest.skip(kernel_lacks("can:TIMEOUT_MULTISHOT"))
+        yield False
+    else:
+        monkeypatch.setitem(features._capability_answers, "TIMEOUT_MULTISHOT", False)
+        yield True
+
+
+def test_timeout_multishot(ring: saferring.Ring, multishot_timeouts: bool) -> None:
+    """A multishot timeout fires count times, one None each, then ends COMPLETED, with the
+    kernel's multishot form or (before 6.4) the library's re-armed single-shot timeouts."""
     start = time.monotonic()
     op = ring.timeout(0.01, count=3, multishot=True)
+    assert op.single_shot is multishot_timeouts
     _wait_done(ring, op)
     assert op.state is OpState.COMPLETED
     assert op.result() == [None, None, None]
     assert time.monotonic() - start >= 0.025
+
+
+def test_timeout_multishot_removed_and_cancelled(ring: saferring.Ring,
+                                                 multishot_timeouts: bool) -> None:
+    """count=0 keeps firing until timeout_remove (or cancel) ends it CANCELLED; the values that
+    fired are kept, iteration ends with the cancellation, and nothing stays in flight."""
+    op = ring.timeout(0.005, multishot=True)
+    fired = []
+    with pytest.raises(OperationCancelledError):
+        for value in op:
+            fired.append(value)
+            if len(fired) == 3:
+                rm = ring.timeout_remove(op)
+    assert fired[:3] == [None, None, None]
+    _wait_done(ring, rm)
+    assert rm.result() == 1
+    assert op.state is OpState.CANCELLED
+    op2 = ring.timeout(0.005, multishot=True)
+    while op2.pending() < 2:
+        ring.wait(1, timeout=1)
+    op2.cancel()
+    _wait_done(ring, op2)
+    assert op2.state is OpState.CANCELLED
+    assert ring.stats().in_flight == 0
 
 
 @pytest.mark.needs("can:TIMEOUT_MULTISHOT")

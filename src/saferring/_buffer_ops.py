@@ -81,7 +81,6 @@ class BufferOps(OpsBase):
         _owner: Any
         _owner_ident: int
         _forked: bool
-        _closed: bool
         _internal: dict[int, Any]
 
         def _finish(self, op: Operation[Any]) -> None: ...
@@ -237,7 +236,7 @@ class BufferOps(OpsBase):
             br._starved.append(op)
             self._buffer_work = True
 
-    def _rearm(self, op: SelectedBuffersOperation) -> bool:
+    def _rearm_select(self, op: SelectedBuffersOperation) -> bool:
         """Called by ``_finish`` for a final CQE of a request that picks buffers: True if the
         request goes on (re-armed, or waiting for a buffer), False if it really ends.
 

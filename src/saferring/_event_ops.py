@@ -36,6 +36,7 @@ from .operation import (
     TimeoutMultishotOperation,
     TimeoutOperation,
     TimeoutRemoveOperation,
+    TimeoutRepeatOperation,
     WaitidOperation,
 )
 from .operation import new_operation as _new_op
@@ -132,6 +133,8 @@ class EventOps(OpsBase):
         (``"monotonic"``, as :func:`time.monotonic`; ``"boottime"``; ``"realtime"``, as
         :func:`time.time`).  ``multishot=True`` (Linux 6.4) fires every ``seconds``, ``count``
         times (0: until cancelled): a :class:`~saferring.operation.TimeoutMultishotOperation`.
+        Before 6.4 the library re-arms a single-shot timeout at each expiry instead
+        (``op.single_shot`` is True; the ticks then drift by the reaping delay).
         """
         self._require(OP["TIMEOUT"])
         ts = _pinning.timespec(seconds)
@@ -146,14 +149,39 @@ class EventOps(OpsBase):
             if absolute:
                 raise ValueError("a multishot timeout is relative (absolute=False)")
             if not kernel_can("TIMEOUT_MULTISHOT"):
-                raise UnsupportedOperationError(
-                    "multishot timeouts (IORING_TIMEOUT_MULTISHOT) are not supported by this "
-                    "kernel; they came in Linux 6.4")
+                # Before 6.4: a single-shot timeout, armed again by the library at each expiry.
+                rep: Any = _new_op(TimeoutRepeatOperation, self, ts, self._take_flagged_ud())
+                rep._args = (addr_of(ts), flags)
+                rep._left = count if count else -1
+                rep._rstate = 0
+                return self._queue_ext(rep, OP["TIMEOUT"], -1, addr_of(ts), 1, 0, flags)
             op: Any = _new_op(TimeoutMultishotOperation, self, ts, self._take_flagged_ud())
             return self._queue_ext(op, OP["TIMEOUT"], -1, addr_of(ts), 1, count,
                                    flags | _TIMEOUT_MULTISHOT)
         op = _new_op(TimeoutOperation, self, ts, self._take_ud())
         return self._queue_ext(op, OP["TIMEOUT"], -1, addr_of(ts), 1, count, flags)
+
+    def _rearm_timeout(self, op: TimeoutRepeatOperation) -> bool:
+        """A single-shot expiry of a repeating timeout (see ``BufferOps._rearm_select`` for why
+        the steps are in this order: recovery may run this twice for one CQE)."""
+        if op._res != -errno.ETIME or op.cancel_requested or self._closed:
+            return False
+        if not op._rstate:
+            self._list_ready(op)
+            op._rstate = 1
+            op._left -= op._left > 0
+            op._items.append(0)
+        if op._left == 0:
+            return False  # that was the last expiry: _settle ends it COMPLETED
+        addr, flags = op._args
+        op._res = None
+        op._rstate = 0
+        rc = lib.sr_prep_ext(self._c, op._ud, OP["TIMEOUT"], -1, addr, 1, 0, flags, 0, 0, 0, 0,
+                             0, 0)
+        if rc < 0:
+            op._res = rc  # the SQ would not take it (the ring is going away): end with that
+            return False
+        return True
 
     @_exclusive
     def timeout_remove(self, op: Operation[Any]) -> TimeoutRemoveOperation:

@@ -195,7 +195,7 @@ class Registration(OpsBase):
         try:
             yield
         finally:
-            if not self._closed:  # type: ignore[attr-defined]
+            if not self._closed:
                 self._set_personality(0)
 
     @_exclusive

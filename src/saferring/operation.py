@@ -64,8 +64,13 @@ class Operation(Generic[T]):
     _ok_errnos: ClassVar[frozenset[int]] = frozenset()
     #: The completion loop keeps each CQE's flags with its value (provided-buffer ids).
     _wants_flags: ClassVar[bool] = False
-    #: A final CQE may re-arm the request instead of ending it (see Ring._rearm).
+    #: A final CQE may re-arm the request instead of ending it (``_rearm``).
     _rearms: ClassVar[bool] = False
+
+    def _rearm(self, ring: Any) -> bool:
+        """For kinds with ``_rearms``: called by ``Ring._finish`` on a final CQE; True if the
+        request goes on (armed again, or waiting to be) instead of ending."""
+        return False
 
     _ring: Ring
     _res: int | None
@@ -634,6 +639,11 @@ class TimeoutMultishotOperation(MultishotOperation[None]):
     kind = "timeout"
     _ok_errnos = frozenset({errno.ETIME})
 
+    @property
+    def single_shot(self) -> bool:
+        """False: the kernel's own multishot timeout (Linux 6.4) fires it."""
+        return False
+
     def _more(self, res: int, flags: int) -> None:
         super()._more(0, flags)
 
@@ -648,6 +658,32 @@ class TimeoutMultishotOperation(MultishotOperation[None]):
 
     def _convert(self, res: int) -> None:
         return None
+
+
+class TimeoutRepeatOperation(TimeoutMultishotOperation):
+    """A multishot timeout on a kernel without ``IORING_TIMEOUT_MULTISHOT`` (before 6.4): the
+    library arms a single-shot timeout again each time one fires, under the same user_data
+    (so ``timeout_remove``/``cancel`` find it).  Each period starts when the previous expiry
+    was reaped, so the ticks drift by the reaping delay."""
+
+    __slots__ = ("_args", "_left", "_rstate")
+    _rearms = True
+    _args: tuple[int, int]  # (timespec address, timeout flags)
+    _left: int  # expiries still to come (-1: until cancelled)
+    _rstate: int  # 1 once the current expiry's value is kept
+
+    @property
+    def single_shot(self) -> bool:
+        """Always True: the library re-arms a single-shot timeout after each expiry."""
+        return True
+
+    def _settle(self) -> None:
+        # Every expiry's value was kept by _rearm; the last one ends the request normally.
+        if self._res == -errno.ETIME:
+            self._res = 0
+
+    def _rearm(self, ring: Any) -> bool:
+        return ring._rearm_timeout(self)  # type: ignore[no-any-return]
 
 
 class AcceptMultishotOperation(MultishotOperation[int]):
@@ -745,6 +781,9 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
         """True if the library re-arms a single-shot request after each completion (what
         kernels without the multishot form get)."""
         return self._single
+
+    def _rearm(self, ring: Any) -> bool:
+        return ring._rearm_select(self)  # type: ignore[no-any-return]
 
     def _what(self) -> str:
         return f"{getattr(self, '_label', self.kind)}, user_data={self.user_data}"

@@ -1276,7 +1276,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         """Record the end of ``op`` (its ``_res`` is set) outside the hot loop.  Listed as ready
         before it leaves the registry: if a signal interrupts in between, _finish_orphans
         finds it again, and the ready list still has it once."""
-        if op._rearms and self._rearm(op):  # type: ignore[arg-type]
+        if op._rearms and op._rearm(self):
             return  # the request goes on (re-armed, or waiting for a buffer)
         op._settle()
         res = op._res if op._res is not None else 0
