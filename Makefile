@@ -18,7 +18,7 @@ system-deps:
 	    $(SUDO) apt-get update && $(SUDO) apt-get install -y liburing-dev pkg-config gcc; \
 	fi
 
-$(STAMP): pyproject.toml setup.py build_ffi.py src/saferring/_cffi_src/uring.h src/saferring/_cffi_src/uring.c src/saferring/_version.py
+$(STAMP): pyproject.toml setup.py build_ffi.py $(wildcard src/saferring/_cffi_src/*.[ch]) src/saferring/_version.py
 	$(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -27,9 +27,9 @@ from . import _pinning
 from ._binding import ffi, lib
 from ._guard import _BUSY, _NO_OWNER, _exclusive, _get_ident
 from ._net_ops import _MSG_RECV, _MSG_SEND, _msg_flags
-from ._ops_base import OpsBase
+from ._ops_base import OpsBase, addr_of
 from .buffers import RELEASED, Buffer, BufferPool, BufferRing, memlock_error
-from .errors import OperationStateError, UnsupportedOperationError, os_error
+from .errors import BufferBusyError, OperationStateError, UnsupportedOperationError, os_error
 from .features import OP, kernel_can
 from .fixed import FixedFile
 from .operation import (
@@ -106,10 +106,12 @@ class BufferOps(OpsBase):
     def _detach_pool(self, pool: BufferPool) -> None:
         if self._pool is not pool:
             return
-        if any(isinstance(op._pins, Buffer) and op._pins._owner is pool
-               for op in list(self._registry.values())):
-            raise OperationStateError("a buffer of this pool is still in flight; wait for it "
-                                      "(or cancel it) first")
+        for op in list(self._registry.values()):
+            pins = op._pins
+            for pin in pins if type(pins) is tuple or type(pins) is list else (pins,):
+                if type(pin) is Buffer and pin._owner is pool:
+                    raise BufferBusyError("a buffer of this pool is still in flight; wait for it "
+                                          "(or cancel it) first")
         rc = lib.sr_unregister_buffers(self._c)
         if rc < 0 and rc != -errno.ENXIO:
             raise os_error(-rc, "io_uring_unregister_buffers")
@@ -303,7 +305,7 @@ class BufferOps(OpsBase):
 
     def _buffer_io(self, label: str, opcode: int, fd: Any, buf: Buffer, reading: bool,
                    off: int, op_flags: int, length: int | None, fixed: bool,
-                   ioprio: int = 0, zc: bool = False) -> Any:
+                   ioprio: int = 0, zc: bool = False, address: Any = None) -> Any:
         self._require(opcode)
         fd, sqe_flags = self._fd(fd)
         state_len = buf._slab.size if reading else buf.nbytes
@@ -311,16 +313,23 @@ class BufferOps(OpsBase):
             length = state_len
         elif type(length) is not int or not 0 <= length <= state_len:
             raise ValueError(f"length must be an int between 0 and {state_len}, got {length!r}")
+        pins: Any = buf
+        dest, dest_len = 0, 0
+        if address is not None:  # send_zc to an address: the sockaddr is pinned too
+            name, name_len = self._address(fd, sqe_flags, address)
+            pins = (buf, name)
+            dest, dest_len = addr_of(name), lib.sr_addr_len_word(name_len)
         if zc:
-            op: Any = _new_op(BufferSendZcOperation, self, buf, self._take_flagged_ud())
+            op: Any = _new_op(BufferSendZcOperation, self, pins, self._take_flagged_ud())
             op._kind_name = label
         else:
-            op = _new_op(BufferIoOperation, self, buf, self._take_ud())
+            op = _new_op(BufferIoOperation, self, pins, self._take_ud())
             op._label = label
         addr = self._lend(op, buf, reading, fixed and not zc)
         try:
-            self._queue_ext(op, opcode, fd, addr, length, off, op_flags, sqe_flags, ioprio,
-                            buf._index if (fixed or ioprio) else 0)
+            self._queue_ext(op, opcode, fd, addr, length, dest if zc else off, op_flags,
+                            sqe_flags, ioprio, buf._index if (fixed or ioprio) else 0,
+                            dest_len)
         except BaseException:
             if op._ud not in self._registry:
                 buf._unlend()
@@ -428,14 +437,16 @@ class BufferOps(OpsBase):
         return self._buffer_io("recv", OP["RECV"], fd, buffer, True, 0, _recv_flags(flags),
                                None, False)
 
-    def _send_buffer(self, fd: Any, buffer: Buffer, flags: int, zc: bool) -> Any:
+    def _send_buffer(self, fd: Any, buffer: Buffer, flags: int, zc: bool,
+                     address: Any = None) -> Any:
         flags = _msg_flags(flags, _MSG_SEND, "send_zc()" if zc else "send()")
         if zc:
             self._require(OP["SEND_ZC"])
             pool = self._pool
             registered = buffer._owner is pool and pool is not None and not pool.closed
             return self._buffer_io("send_zc", OP["SEND_ZC"], fd, buffer, False, 0, flags, None,
-                                   False, _RECVSEND_FIXED_BUF if registered else 0, zc=True)
+                                   False, _RECVSEND_FIXED_BUF if registered else 0, zc=True,
+                                   address=address)
         return self._buffer_io("send", OP["SEND"], fd, buffer, False, 0, flags, None, False)
 
     def _select(self, cls: Any, label: str, opcode: int, fd: Any, br: BufferRing, off: int,

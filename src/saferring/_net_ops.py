@@ -343,7 +343,7 @@ class NetOps(OpsBase):
         (``IORING_RECVSEND_FIXED_BUF``); it is ``IN_FLIGHT`` until the notification.
         """
         if type(data) is Buffer:
-            return self._send_buffer(fd, data, flags, True)  # type: ignore[no-any-return]
+            return self._send_buffer(fd, data, flags, True, address)  # type: ignore[no-any-return]
         self._require(OP["SEND_ZC"])
         fd, fixed = self._fd(fd)
         pin = _pinning.readable(data)

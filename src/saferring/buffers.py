@@ -163,6 +163,8 @@ class Buffer:
     @property
     def state(self) -> BufferState:
         """The :class:`BufferState`."""
+        if self._state is RELEASED:  # a dead handle stays dead, whatever its operation did
+            return RELEASED
         op = self._op
         if op is not None:
             res = op._res

@@ -88,6 +88,7 @@ def cancelled_error(code: int, what: str) -> OperationCancelledError:
 __all__ = [
     "BufferBusyError",
     "ForkedRingError",
+    "MemlockLimitError",
     "OperationCancelledError",
     "OperationStateError",
     "RingClosedError",

@@ -226,9 +226,9 @@ def _release_key(release: str) -> tuple[int, int]:
 
 def kernel_table() -> str:
     """The README's table of kernel releases and what each adds, generated from :data:`OPCODES`,
-    :data:`FEATURE_BITS` and :data:`SETUP_FLAGS` (``tests/test_docs.py`` checks the README
-    against it, so the two cannot drift)."""
-    rows = ["| Linux | io_uring opcodes that arrive | setup flags and features that arrive |",
+    :data:`FEATURE_BITS`, :data:`SETUP_FLAGS` and :data:`CAPABILITIES` (``tests/test_docs.py``
+    checks the README against it, so the two cannot drift)."""
+    rows = ["| Linux | io_uring opcodes that arrive | setup flags, features and behaviours that arrive |",
             "|---|---|---|"]
     previous = (0, 0)
     releases = list(KERNEL_TABLE_RELEASES)
@@ -243,6 +243,7 @@ def kernel_table() -> str:
         ops = [op.name for op in OPCODES if arrives(op.since)]
         extras = [f"FEAT_{name}" for name, _bit, rel in FEATURE_BITS if arrives(rel)]
         extras += [f"SETUP_{name}" for name, _bit, rel in SETUP_FLAGS if arrives(rel)]
+        extras += [f"{name} (tried)" for name, _const, rel in CAPABILITIES if arrives(rel)]
         rows.append(f"| {release} | {', '.join(ops) or '-'} | {', '.join(extras) or '-'} |")
         previous = upto
     return "\n".join(rows)
