@@ -1444,3 +1444,93 @@ def test_gc_pressure_dropped_buffers_with_reads_in_flight() -> None:
         print("gc ok")
     """)
     assert "gc ok" in out
+
+
+# -- read_fixed_many ---------------------------------------------------------------------------
+
+
+def test_read_fixed_many_places_each_block(ring: saferring.Ring, pool: BufferPool,
+                                           tmp_path: Any) -> None:
+    """read_fixed_many reads offsets[i] into buffers[i] in one batch: every buffer is IN_FLIGHT
+    until the batch ends, then FILLED with its own count (a short read at end of file too)."""
+    data = os.urandom(4 * 8192 + 100)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bufs = [pool.lease() for _ in range(4)]
+        offsets = [3 * 8192, 0, 4 * 8192, 8192]
+        batch = ring.read_fixed_many(fd, bufs, offsets)
+        assert all(b.state is IN_FLIGHT for b in bufs)
+        with pytest.raises(BufferBusyError):
+            bufs[0].view()
+        assert ring.run(batch) == [8192, 8192, 100, 8192]
+        for buf, off in zip(bufs, offsets, strict=True):
+            assert buf.state is FILLED
+            assert buf.tobytes() == data[off:off + 8192]
+        # Again, with a length: each buffer now holds that many bytes.
+        ring.run(ring.read_fixed_many(fd, bufs, [0, 1, 2, 3], length=10))
+        assert [b.tobytes() for b in bufs] == [data[i:i + 10] for i in range(4)]
+        for buf in bufs:
+            buf.release()
+    finally:
+        os.close(fd)
+
+
+def test_read_fixed_many_failure_leaves_members_free(ring: saferring.Ring, pool: BufferPool,
+                                                     tmp_path: Any) -> None:
+    """A member that fails (EBADF on a write-only descriptor) leaves its buffer FREE and the
+    batch raises; the buffers are usable again."""
+    fd = os.open(tmp_path / "w", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        bufs = [pool.lease() for _ in range(2)]
+        batch = ring.read_fixed_many(fd, bufs, [0, 0])
+        with pytest.raises(OSError) as info:
+            ring.run(batch)
+        assert info.value.errno == errno.EBADF
+        assert [b.state for b in bufs] == [FREE, FREE]
+        for buf in bufs:
+            buf.fill(b"ok")
+            buf.release()
+    finally:
+        os.close(fd)
+
+
+def test_read_fixed_many_bad_input(ring: saferring.Ring, pool: BufferPool, pipe: tuple[int, int],
+                                   tmp_path: Any) -> None:
+    """Mismatched lengths, an empty batch, a buffer twice, a negative offset, a length over the
+    buffer size, a buffer of no pool, a buffer with a live view and one in flight are refused
+    before anything is queued."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    a, b = pool.lease(), pool.lease()
+    try:
+        cases: list[tuple[type[Exception], Callable[[], object]]] = [
+            (ValueError, lambda: ring.read_fixed_many(fd, [a, b], [0])),
+            (ValueError, lambda: ring.read_fixed_many(fd, [], [])),
+            (ValueError, lambda: ring.read_fixed_many(fd, [a, a], [0, 0])),
+            (ValueError, lambda: ring.read_fixed_many(fd, [a], [-1])),
+            (ValueError, lambda: ring.read_fixed_many(fd, [a], [0], length=8193)),
+            (OperationStateError, lambda: ring.read_fixed_many(fd, [Buffer(10)], [0])),
+            (TypeError, lambda: ring.read_fixed_many(fd, [a], ["0"])),
+        ]
+        for exc, call in cases:
+            with pytest.raises(exc):
+                call()
+            assert ring.stats().in_flight == 0
+        view = a.view(whole=True)
+        with pytest.raises(BufferBusyError):
+            ring.read_fixed_many(fd, [b, a], [0, 0])
+        del view
+        blocked = ring.read_fixed(pipe[0], b)
+        with pytest.raises(BufferBusyError):
+            ring.read_fixed_many(fd, [a, b], [0, 0])
+        assert ring.stats().in_flight == 1
+        os.write(pipe[1], b"z")
+        assert ring.run(blocked) == 1
+        assert ring.run(ring.read_fixed_many(fd, [a, b], [0, 50])) == [100, 50]
+    finally:
+        os.close(fd)
+        a.release()
+        b.release()
