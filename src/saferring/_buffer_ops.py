@@ -59,13 +59,15 @@ class _OwnedFd:
     __slots__ = ("fd",)
 
     def __init__(self, fd: int) -> None:
+        self.fd = -1
         self.fd = os.dup(fd)
 
     def __del__(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
 
     @classmethod
     def _pinned_size(cls, obj: object) -> int:
