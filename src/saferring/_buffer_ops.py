@@ -132,7 +132,15 @@ class BufferOps(OpsBase):
             raise ValueError(f"buffer group {group} is already used on this ring")
         mode = br.mode
         if mode in ("auto", "ring"):
-            rc = lib.sr_register_buf_ring(self._c, br._map_ring(), br._entries, group)
+            addr = br._map_ring()
+            rc = -errno.EINVAL
+            if br.want_incremental:
+                # IOU_PBUF_RING_INC (6.12); an older kernel refuses the flag with EINVAL, and
+                # then gets the plain ring (each chunk takes a whole buffer).
+                rc = lib.sr_register_buf_ring(self._c, addr, br._entries, group, 2)
+                br.incremental = rc >= 0
+            if rc < 0:
+                rc = lib.sr_register_buf_ring(self._c, addr, br._entries, group, 0)
             if rc >= 0:
                 mode = "ring"
             else:
@@ -310,7 +318,7 @@ class BufferOps(OpsBase):
                    ioprio: int = 0, zc: bool = False, address: Any = None) -> Any:
         self._require(opcode)
         fd, sqe_flags = self._fd(fd)
-        state_len = buf._slab.size if reading else buf.nbytes
+        state_len = buf._cap if reading else buf.nbytes
         if length is None:
             length = state_len
         elif type(length) is not int or not 0 <= length <= state_len:

@@ -42,6 +42,7 @@ MAX_POOL_BUFFERS = 1 << 14  # IORING_MAX_REG_BUFFERS
 MAX_RING_BUFFERS = 1 << 15  # a buffer ring has at most 32768 entries
 _BUF_ENTRY = 16  # sizeof(struct io_uring_buf)
 _F_BUFFER = 1  # IORING_CQE_F_BUFFER
+_F_BUF_MORE = 1 << 4  # IORING_CQE_F_BUF_MORE: the kernel goes on filling this buffer (incremental)
 _BUFFER_SHIFT = 16  # IORING_CQE_BUFFER_SHIFT
 
 
@@ -115,8 +116,8 @@ class Buffer:
     then dead (``RELEASED``).  It is refused while a memoryview from :meth:`view` is alive.
     """
 
-    __slots__ = ("__weakref__", "_index", "_member", "_n", "_op", "_owner", "_reading", "_slab",
-                 "_state")
+    __slots__ = ("__weakref__", "_cap", "_index", "_member", "_n", "_off", "_op", "_owner",
+                 "_reading", "_slab", "_state")
 
     _slab: _Slab
     _index: int
@@ -126,6 +127,8 @@ class Buffer:
     _op: Any  # the operation using the buffer while in flight
     _reading: bool  # that operation fills the buffer (else it only reads it)
     _member: int  # the buffer's member index when that operation is a batch (else -1)
+    _off: int  # where this handle's bytes start in the mapping (a piece of an incremental ring)
+    _cap: int  # how many bytes from _off this handle may use
 
     def __init__(self, size: int) -> None:
         if hasattr(self, "_slab"):
@@ -133,8 +136,11 @@ class Buffer:
         size = _positive(size, "size", MAX_BUFFER_SIZE)
         self._setup(_Slab(1, size), 0, None, FREE, 0)
 
-    def _setup(self, slab: _Slab, index: int, owner: Any, state: BufferState, n: int) -> None:
+    def _setup(self, slab: _Slab, index: int, owner: Any, state: BufferState, n: int,
+               off: int = 0, cap: int = -1) -> None:
         self._slab = slab
+        self._off = off
+        self._cap = slab.size if cap < 0 else cap
         self._index = index
         self._owner = owner
         self._state = state
@@ -144,9 +150,10 @@ class Buffer:
         self._member = -1
 
     @classmethod
-    def _make(cls, slab: _Slab, index: int, owner: Any, state: BufferState, n: int) -> Buffer:
+    def _make(cls, slab: _Slab, index: int, owner: Any, state: BufferState, n: int,
+              off: int = 0, cap: int = -1) -> Buffer:
         buf = cls.__new__(cls)
-        buf._setup(slab, index, owner, state, n)
+        buf._setup(slab, index, owner, state, n, off, cap)
         return buf
 
     def __copy__(self) -> Buffer:
@@ -183,13 +190,20 @@ class Buffer:
 
     @property
     def size(self) -> int:
-        """The buffer's capacity in bytes."""
-        return self._slab.size
+        """The buffer's capacity in bytes (for a piece of an incremental buffer ring: the bytes
+        the kernel put there)."""
+        return self._cap
 
     @property
     def nbytes(self) -> int:
         """How many bytes are valid (0 unless ``FILLED``)."""
         return self._n if self.state is FILLED else 0
+
+    @property
+    def offset(self) -> int:
+        """Where this buffer's bytes start in its memory: 0, except for a piece of an
+        incremental :class:`BufferRing` buffer (the kernel put it after the earlier pieces)."""
+        return self._off
 
     @property
     def index(self) -> int:
@@ -220,7 +234,7 @@ class Buffer:
         self._op = op
         self._reading = reading
         self._member = member
-        return int(self._slab.addrs[self._index])
+        return int(self._slab.addrs[self._index]) + self._off
 
     def _unlend(self) -> None:
         """Undo :meth:`_lend` when the operation was never queued."""
@@ -234,14 +248,14 @@ class Buffer:
         before handing the buffer back to the kernel or its owner."""
         if self._op is not None or self._state is RELEASED:
             self._usable("view it")  # raises, unless the operation has just ended
-        slab = self._slab
-        end = slab.size if whole else (self._n if self._state is FILLED else 0)
-        return memoryview(slab.maps[self._index])[:end]
+        off = self._off
+        end = off + (self._cap if whole else (self._n if self._state is FILLED else 0))
+        return memoryview(self._slab.maps[self._index])[off:end]
 
     def tobytes(self) -> bytes:
         """A copy of the filled bytes."""
         self._usable("read it")
-        return self._slab.maps[self._index][: self.nbytes]
+        return self._slab.maps[self._index][self._off:self._off + self.nbytes]
 
     def fill(self, data: Any) -> int:
         """Copy ``data`` (bytes-like) to the start of the buffer; it becomes ``FILLED`` with
@@ -249,17 +263,18 @@ class Buffer:
         self._usable("fill it")
         with memoryview(data) as src:
             n = src.nbytes
-            if n > self._slab.size:
-                raise ValueError(f"{n} bytes do not fit a buffer of {self._slab.size}")
-            self._slab.maps[self._index][:n] = src if src.format == "B" and src.ndim == 1 else src.cast("B")
+            if n > self._cap:
+                raise ValueError(f"{n} bytes do not fit a buffer of {self._cap}")
+            flat = src if src.format == "B" and src.ndim == 1 else src.cast("B")
+            self._slab.maps[self._index][self._off:self._off + n] = flat
         self._state, self._n = FILLED, n
         return n
 
     def mark_filled(self, nbytes: int) -> None:
         """Declare the first ``nbytes`` valid (after writing through ``view(whole=True)``)."""
         self._usable("mark it filled")
-        if type(nbytes) is not int or not 0 <= nbytes <= self._slab.size:
-            raise ValueError(f"nbytes must be an int between 0 and {self._slab.size}, got {nbytes!r}")
+        if type(nbytes) is not int or not 0 <= nbytes <= self._cap:
+            raise ValueError(f"nbytes must be an int between 0 and {self._cap}, got {nbytes!r}")
         self._state, self._n = (FILLED, nbytes)
 
     def release(self) -> None:
@@ -303,11 +318,11 @@ class Buffer:
     def __repr__(self) -> str:
         state = self.state
         filled = f" nbytes={self._n}" if state is FILLED else ""
-        return f"<Buffer index={self._index} size={self._slab.size} {state.value}{filled}>"
+        return f"<Buffer index={self._index} size={self._cap} {state.value}{filled}>"
 
     @classmethod
     def _pinned_size(cls, buf: Buffer) -> int:
-        return buf._slab.size
+        return buf._cap
 
 
 class _Owner:
@@ -449,10 +464,17 @@ class BufferRing(_Owner):
     ``mode``: ``"ring"`` (a kernel buffer ring, Linux 5.19), ``"provide"``
     (``IORING_OP_PROVIDE_BUFFERS``, what older kernels have) or ``"auto"`` (the ring where the
     kernel has it).  ``group`` is the buffer group id (chosen for you by default).
+
+    ``incremental=True`` (a kernel buffer ring on Linux 6.12+, ``IOU_PBUF_RING_INC``): a chunk
+    uses only the part of a buffer it needs, and the next chunk continues in the same buffer, so
+    large buffers are not spent on small messages.  Each value is then a piece of a buffer; the
+    buffer goes back to the kernel once the kernel has moved on from it and every piece was
+    released.  Where the kernel lacks it, each chunk takes a whole buffer (``buffers.incremental``
+    says which).
     """
 
     def __init__(self, ring: Ring, count: int, size: int, group: int | None = None, *,
-                 mode: str = "auto") -> None:
+                 mode: str = "auto", incremental: bool = False) -> None:
         count = _positive(count, "count", MAX_RING_BUFFERS)
         size = _positive(size, "size", MAX_BUFFER_SIZE)
         if mode not in ("auto", "ring", "provide"):
@@ -476,6 +498,12 @@ class BufferRing(_Owner):
         self._ring_addr = 0
         self.group = -1
         self.mode = mode
+        self.want_incremental = bool(incremental)
+        #: True if the kernel consumes the buffers incrementally (set at registration).
+        self.incremental = False
+        self._next_off = [0] * count  # incremental: where the kernel's next chunk starts
+        self._pieces = [0] * count  # incremental: pieces handed out and not yet back
+        self._kernel_has = bytearray(count)  # incremental: the kernel may still write there
         ring._attach_buffer_ring(self, group)  # sets group and mode, hands out every buffer
         self._closed = False
 
@@ -504,6 +532,10 @@ class BufferRing(_Owner):
 
     def _provide_ring(self, bids: list[int]) -> None:
         """Publish ``bids`` on the kernel buffer ring (mode "ring")."""
+        if self.incremental:
+            for bid in bids:
+                self._next_off[bid] = 0
+                self._kernel_has[bid] = 1
         table = array.array("H", bids)
         lib.sr_buf_ring_provide(self._ring_addr, self._entries - 1, self._slab.addrs,
                                 self._slab.size, ffi.from_buffer("uint16_t[]", table), len(bids))
@@ -514,13 +546,41 @@ class BufferRing(_Owner):
         if not flags & _F_BUFFER:
             return None
         bid = flags >> _BUFFER_SHIFT
+        if self.incremental and bid < self._slab.count:
+            return self._take_piece(bid, res, flags)
         if res <= 0 or bid >= self._slab.count:
             if bid < self._slab.count:
                 self._give_back_later(bid)
             return None
         return Buffer._make(self._slab, bid, self, FILLED, res)
 
+    def _take_piece(self, bid: int, res: int, flags: int) -> Buffer | None:
+        # The kernel writes each chunk right after the previous one in the same buffer, and
+        # says with F_BUF_MORE that it will go on; without it, it has moved to the next buffer.
+        off = self._next_off[bid]
+        if not flags & _F_BUF_MORE:
+            self._kernel_has[bid] = 0
+        if res <= 0:
+            if not self._kernel_has[bid] and not self._pieces[bid]:
+                self._give_back_later(bid)
+            return None
+        self._next_off[bid] = off + res
+        self._pieces[bid] += 1
+        return Buffer._make(self._slab, bid, self, FILLED, res, off, res)
+
+    def _piece_back(self, index: int) -> bool:
+        """A piece of buffer ``index`` came back: True if the whole buffer can now go back."""
+        if not self.incremental:
+            return True
+        self._pieces[index] -= 1
+        return not self._pieces[index] and not self._kernel_has[index]
+
+    def _reclaim(self) -> list[int]:
+        return [index for index in super()._reclaim() if self._piece_back(index)]
+
     def _give_back(self, index: int) -> None:
+        if not self._piece_back(index):
+            return  # other pieces are out, or the kernel is still filling the buffer
         self._returned.append(index)
         self._ring._recycle(self)
 
@@ -552,5 +612,5 @@ class BufferRing(_Owner):
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else self.mode
+        state = "closed" if self._closed else self.mode + (" incremental" if self.incremental else "")
         return f"<BufferRing group={self.group} count={self.count} size={self.size} {state}>"

@@ -184,6 +184,7 @@ CAPABILITIES: tuple[tuple[str, str, str], ...] = (
     ("RECV_MULTISHOT", "SR_CAP_RECV_MULTISHOT", "6.0"),
     ("TIMEOUT_MULTISHOT", "SR_CAP_TIMEOUT_MULTISHOT", "6.4"),
     ("SOCKET_COMMANDS", "SR_CAP_SOCKET_COMMANDS", "6.7"),
+    ("BUF_RING_INC", "SR_CAP_BUF_RING_INC", "6.12"),
 )
 
 _capability_answers: dict[str, bool] = {}

@@ -821,10 +821,9 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
         # Values never taken hold buffer ids: hand them back to the kernel.
         for item in getattr(self, "_items", ()):
             try:
-                _res, flags = item
-                if flags & 1:
-                    self._bufring._returned.append(flags >> 16)
-                    self._bufring._ring._buffer_work = True
+                buf = self._bufring._take(*item)  # the buffer (or piece) the value holds...
+                if buf is not None:
+                    buf._abandon()  # ...goes back once nothing uses it
             except Exception:  # noqa: BLE001 - a finaliser must not raise
                 pass
 

@@ -47,7 +47,8 @@ struct sr_buf_reg {
     uint64_t resv[3];
 };
 
-int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsigned bgid)
+int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsigned bgid,
+                         unsigned flags)
 {
     struct sr_buf_reg reg;
     int usable = sr_usable(r);
@@ -59,6 +60,7 @@ int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsig
     reg.ring_addr = ring_addr;
     reg.ring_entries = entries;
     reg.bgid = (uint16_t)bgid;
+    reg.flags = (uint16_t)flags; /* IOU_PBUF_RING_INC (2, Linux 6.12): -EINVAL before */
     ret = syscall(__NR_io_uring_register, r->ring.ring_fd, 22, &reg, 1);
     return ret < 0 ? -errno : (int)ret;
 }

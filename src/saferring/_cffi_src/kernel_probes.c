@@ -21,6 +21,7 @@
 #define SR_CAP_SYNC_CANCEL 3
 #define SR_CAP_BUF_RING 4
 #define SR_CAP_RECV_MULTISHOT 5
+#define SR_CAP_BUF_RING_INC 6
 
 #ifndef IORING_TIMEOUT_MULTISHOT
 #define IORING_TIMEOUT_MULTISHOT (1U << 6)
@@ -93,7 +94,7 @@ static int sr_probe_sync_cancel(struct io_uring *ring)
 
 /* Provided buffer rings (IORING_REGISTER_PBUF_RING, 22) came in 5.19; older kernels reject the
    register opcode with EINVAL.  A one-entry ring on a fresh page, unregistered at once. */
-static int sr_probe_buf_ring(struct io_uring *ring)
+static int sr_probe_buf_ring(struct io_uring *ring, unsigned flags)
 {
     struct sr_buf_reg reg;
     void *mem = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -105,6 +106,7 @@ static int sr_probe_buf_ring(struct io_uring *ring)
     memset(&reg, 0, sizeof(reg));
     reg.ring_addr = (uint64_t)(uintptr_t)mem;
     reg.ring_entries = 1;
+    reg.flags = (uint16_t)flags;
     ret = syscall(__NR_io_uring_register, ring->ring_fd, 22, &reg, 1);
     err = errno;
     if (ret >= 0)
@@ -191,7 +193,10 @@ int sr_probe_capability(int which)
         ret = sr_probe_sync_cancel(&ring);
         break;
     case SR_CAP_BUF_RING:
-        ret = sr_probe_buf_ring(&ring);
+        ret = sr_probe_buf_ring(&ring, 0);
+        break;
+    case SR_CAP_BUF_RING_INC: /* IOU_PBUF_RING_INC (6.12): EINVAL for the unknown flag before */
+        ret = sr_probe_buf_ring(&ring, 2);
         break;
     case SR_CAP_RECV_MULTISHOT:
         ret = sr_probe_recv_multishot(&ring);

@@ -157,7 +157,8 @@ void sr_read_siginfo(const void *buf, int *out);
 /* buffers.c: registered buffers and provided buffer rings (addresses of Python-owned memory) */
 int sr_register_buffers(sr_ring *r, const uint64_t *addrs, unsigned size, unsigned n);
 int sr_unregister_buffers(sr_ring *r);
-int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsigned bgid);
+int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsigned bgid,
+                         unsigned flags);
 int sr_unregister_buf_ring(sr_ring *r, unsigned bgid);
 void sr_buf_ring_provide(uint64_t ring_addr, unsigned mask, const uint64_t *addrs, unsigned size,
                          const uint16_t *bids, unsigned n);
@@ -171,6 +172,7 @@ int sr_prep_fixed_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, in
 #define SR_CAP_SYNC_CANCEL 3
 #define SR_CAP_BUF_RING 4
 #define SR_CAP_RECV_MULTISHOT 5
+#define SR_CAP_BUF_RING_INC 6
 int sr_probe_capability(int which);
 
 int sr_sync_cancel(sr_ring *r, uint64_t ud, int fd, unsigned flags);
