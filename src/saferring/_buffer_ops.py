@@ -378,12 +378,7 @@ class BufferOps(OpsBase):
         if pool is None or pool._closed:
             raise OperationStateError("read_fixed_many needs this ring's open BufferPool")
         bufs = list(buffers)
-        try:
-            offs = array.array("Q", offsets)
-        except OverflowError:
-            raise ValueError("offsets must be >= 0 (and below 2**64)") from None
-        except TypeError:
-            raise TypeError("offsets must be a sequence of ints") from None
+        offs = _pinning.offsets_array(offsets)
         if not bufs or len(bufs) != len(offs):
             raise ValueError(f"need one offset per buffer (and at least one): got {len(bufs)} "
                              f"buffers, {len(offs)} offsets")

@@ -208,3 +208,18 @@ def pinned_bytes(pins: Any) -> int:
         else:
             total += ffi.sizeof(ctype.item)  # item[0] of an int * is a Python int
     return total
+
+
+def offsets_array(offsets: Any) -> array.array[int]:
+    """``offsets`` (a sequence of ints >= 0) as an ``array('Q')``; one passed in is used as is
+    (array('Q') converts a list twice as fast as cffi does)."""
+    if type(offsets) is array.array and offsets.typecode == "Q":
+        return offsets
+    if isinstance(offsets, (int, str, bytes, bytearray, memoryview)):
+        raise TypeError(f"offsets must be a sequence of ints, got {type(offsets).__name__}")
+    try:
+        return array.array("Q", offsets)
+    except OverflowError:
+        raise ValueError("offsets must be >= 0 (and below 2**64)") from None
+    except TypeError:
+        raise TypeError("offsets must be a sequence of ints") from None

@@ -354,6 +354,30 @@ class _Owner:
     def _give_back(self, index: int) -> None:
         raise NotImplementedError
 
+    @property
+    def count(self) -> int:
+        """How many buffers there are."""
+        return self._slab.count
+
+    @property
+    def size(self) -> int:
+        """Each buffer's size in bytes."""
+        return self._slab.size
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()`` (or once the ring closed)."""
+        return self._closed
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class BufferPool(_Owner):
     """``count`` registered buffers of ``size`` bytes for one ring (``io_uring_register_buffers``).
@@ -375,21 +399,6 @@ class BufferPool(_Owner):
         self._free = collections.deque(range(count))
         ring._attach_pool(self)  # registers with the kernel, or raises
         self._closed = False
-
-    @property
-    def count(self) -> int:
-        """How many buffers the pool has."""
-        return self._slab.count
-
-    @property
-    def size(self) -> int:
-        """Each buffer's size in bytes."""
-        return self._slab.size
-
-    @property
-    def closed(self) -> bool:
-        """True after :meth:`close` (or once the ring closed)."""
-        return self._closed
 
     def available(self) -> int:
         """How many buffers :meth:`lease` can hand out now."""
@@ -426,11 +435,6 @@ class BufferPool(_Owner):
     def _ring_closed(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> BufferPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"available={len(self._free)}"
@@ -506,21 +510,6 @@ class BufferRing(_Owner):
         self._kernel_has = bytearray(count)  # incremental: the kernel may still write there
         ring._attach_buffer_ring(self, group)  # sets group and mode, hands out every buffer
         self._closed = False
-
-    @property
-    def count(self) -> int:
-        """How many buffers the group has."""
-        return self._slab.count
-
-    @property
-    def size(self) -> int:
-        """Each buffer's size in bytes."""
-        return self._slab.size
-
-    @property
-    def closed(self) -> bool:
-        """True after :meth:`close` (or once the ring closed)."""
-        return self._closed
 
     def _map_ring(self) -> int:
         """Map the kernel-shared ring of entries (page-aligned, zeroed: tail 0)."""
@@ -605,11 +594,6 @@ class BufferRing(_Owner):
     def _pinned_size(cls, obj: object) -> int:
         return 0  # library memory, counted by the buffers handed out (ring.stats())
 
-    def __enter__(self) -> BufferRing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.mode + (" incremental" if self.incremental else "")

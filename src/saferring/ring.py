@@ -34,7 +34,6 @@ copy (``close()``, which touches nothing shared).
 
 from __future__ import annotations
 
-import array
 import atexit
 import collections
 import errno
@@ -861,17 +860,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             block_size = _pinning.index(block_size, "block_size")
         if not 1 <= block_size <= _MAX_LEN:
             raise ValueError(f"block_size must be between 1 and {_MAX_LEN}, got {block_size}")
-        if type(offsets) is not array.array or offsets.typecode != "Q":
-            if isinstance(offsets, (int, str, bytes, bytearray, memoryview)):
-                raise TypeError(f"offsets must be a sequence of ints, got {type(offsets).__name__}")
-            try:
-                # array('Q') converts a list twice as fast as cffi does; an array('Q') passed in
-                # needs no conversion at all.
-                offsets = array.array("Q", offsets)
-            except OverflowError:
-                raise ValueError("offsets must be >= 0 (and below 2**64)") from None
-            except TypeError:
-                raise TypeError("offsets must be a sequence of ints") from None
+        offsets = _pinning.offsets_array(offsets)
         # Read while the SQEs are prepared (they copy the values): needs no pin beyond this call.
         offs = _from_buffer("uint64_t[]", offsets)
         count = len(offs)

@@ -51,32 +51,22 @@ int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsig
                          unsigned flags)
 {
     struct sr_buf_reg reg;
-    int usable = sr_usable(r);
-    long ret;
 
-    if (usable)
-        return usable;
     memset(&reg, 0, sizeof(reg));
     reg.ring_addr = ring_addr;
     reg.ring_entries = entries;
     reg.bgid = (uint16_t)bgid;
     reg.flags = (uint16_t)flags; /* IOU_PBUF_RING_INC (2, Linux 6.12): -EINVAL before */
-    ret = syscall(__NR_io_uring_register, r->ring.ring_fd, 22, &reg, 1);
-    return ret < 0 ? -errno : (int)ret;
+    return sr_register_raw(r, 22 /* IORING_REGISTER_PBUF_RING */, &reg, 1);
 }
 
 int sr_unregister_buf_ring(sr_ring *r, unsigned bgid)
 {
     struct sr_buf_reg reg;
-    int usable = sr_usable(r);
-    long ret;
 
-    if (usable)
-        return usable;
     memset(&reg, 0, sizeof(reg));
     reg.bgid = (uint16_t)bgid;
-    ret = syscall(__NR_io_uring_register, r->ring.ring_fd, 23, &reg, 1);
-    return ret < 0 ? -errno : (int)ret;
+    return sr_register_raw(r, 23 /* IORING_UNREGISTER_PBUF_RING */, &reg, 1);
 }
 
 /* Hand buffers `bids[0..n)` (each `size` bytes at addrs[bid]) to the kernel through a buffer

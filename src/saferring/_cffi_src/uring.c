@@ -797,21 +797,28 @@ struct sr_sync_cancel_reg {
     uint64_t pad[4];
 };
 
-int sr_sync_cancel(sr_ring *r, uint64_t ud, int fd, unsigned flags)
+/* io_uring_register by opcode number, for registrations liburing 2.3 has no helper for; refused
+   on a torn-down or forked ring like every other call. */
+static int sr_register_raw(sr_ring *r, unsigned opcode, void *arg, unsigned nr)
 {
-    struct sr_sync_cancel_reg reg;
     int usable = sr_usable(r);
     long ret;
 
     if (usable)
         return usable;
+    ret = syscall(__NR_io_uring_register, r->ring.ring_fd, opcode, arg, nr);
+    return ret < 0 ? -errno : (int)ret;
+}
+
+int sr_sync_cancel(sr_ring *r, uint64_t ud, int fd, unsigned flags)
+{
+    struct sr_sync_cancel_reg reg;
+
     memset(&reg, 0, sizeof(reg));
     reg.addr = ud;
     reg.fd = fd;
     reg.flags = flags;
-    ret = syscall(__NR_io_uring_register, r->ring.ring_fd, 24 /* IORING_REGISTER_SYNC_CANCEL */,
-                  &reg, 1);
-    return ret < 0 ? -errno : (int)ret;
+    return sr_register_raw(r, 24 /* IORING_REGISTER_SYNC_CANCEL */, &reg, 1);
 }
 
 /* ---- registration (io_uring_register), each refused on a torn-down or forked ring ---- */
