@@ -28,7 +28,7 @@ from ._binding import ffi, lib
 from ._guard import _BUSY, _NO_OWNER, _exclusive, _get_ident
 from ._net_ops import _MSG_RECV, _MSG_SEND, _msg_flags
 from ._ops_base import OpsBase, addr_of
-from .buffers import RELEASED, Buffer, BufferPool, BufferRing, memlock_error
+from .buffers import CLAIMED, RELEASED, Buffer, BufferPool, BufferRing, memlock_error
 from .errors import BufferBusyError, OperationStateError, UnsupportedOperationError, os_error
 from .features import OP, kernel_can
 from .fixed import FixedFile
@@ -392,31 +392,49 @@ class BufferOps(OpsBase):
         if sqe_flags:
             raise TypeError("read_fixed_many takes a descriptor, not a FixedFile")
         # The checks _lend makes, once per buffer, without a call per check (this is the
-        # batch path: 32 buffers per call are common).
+        # batch path: 32 buffers per call are common).  Each buffer is claimed (IN_FLIGHT) as
+        # soon as it passed, with no call in between, so nothing can release or lend it while
+        # the batch is being queued.
         index = array.array("H")
         maps, baseline, refs = slab.maps, slab._baseline, sys.getrefcount
-        for buf in bufs:
-            if type(buf) is not Buffer or buf._owner is not pool:
-                raise OperationStateError("read_fixed_many needs buffers leased from this "
-                                          "ring's BufferPool")
-            prev = buf._op
-            if (prev is not None and prev._res is None) or buf._state is RELEASED:
-                buf._usable("hand it to the kernel")  # raises
-            i = buf._index
-            if refs(maps[i]) > baseline:  # slab.views_alive(i), inlined
-                buf._no_views("hand it to the kernel")
-            index.append(i)
-        if len(set(index)) != len(index):
-            raise ValueError("a buffer appears twice in buffers")
+        claimed: list[Buffer] = []
+        try:
+            for buf in bufs:
+                if type(buf) is not Buffer or buf._owner is not pool:
+                    raise OperationStateError("read_fixed_many needs buffers leased from this "
+                                              "ring's BufferPool")
+                i = buf._index
+                if refs(maps[i]) > baseline:  # slab.views_alive(i), inlined
+                    buf._no_views("hand it to the kernel")
+                prev = buf._op
+                if prev is CLAIMED:
+                    raise ValueError("a buffer appears twice in buffers")
+                if (prev is not None and prev._res is None) or buf._state is RELEASED:
+                    buf._usable("hand it to the kernel")  # raises
+                buf._op = CLAIMED
+                claimed.append(buf)
+                index.append(i)
+        except BaseException:
+            for buf in claimed:
+                buf._op = None
+            raise
         table = slab.addrs
         addrs = array.array("Q", [table[i] for i in index])
-        op = self._batch(len(bufs), "read_fixed", bufs, lib.sr_prep_fixed_blocks,
-                         OP["READ_FIXED"], fd, ffi.from_buffer("uint64_t[]", addrs),
-                         ffi.from_buffer("uint16_t[]", index), length,
-                         ffi.from_buffer("uint64_t[]", offs))
-        # Marked once the batch exists (if it already ended, the state reads its end at once):
-        # each buffer reads its own member's result.  Should _batch raise after some members
-        # were queued, those buffers are not marked, but the batch pins them until it ends.
+        ud = self._next_ud
+        try:
+            op = self._batch(len(bufs), "read_fixed", bufs, lib.sr_prep_fixed_blocks,
+                             OP["READ_FIXED"], fd, ffi.from_buffer("uint64_t[]", addrs),
+                             ffi.from_buffer("uint16_t[]", index), length,
+                             ffi.from_buffer("uint64_t[]", offs))
+        except BaseException:
+            # Members the kernel got run to their end: their buffers follow the batch (found by
+            # its user_data); if nothing was queued, the buffers are free again.
+            batch = self._registry.get(ud)
+            for member, buf in enumerate(bufs):
+                buf._op = batch
+                buf._reading = True
+                buf._member = member
+            raise
         for member, buf in enumerate(bufs):
             buf._op = op
             buf._reading = True

@@ -231,6 +231,9 @@ class Buffer:
         returns its address.  Refused while in flight, released, or viewed."""
         self._usable("hand it to the kernel")
         self._no_views("hand it to the kernel")
+        prev = self._op  # checked again and set with no call in between (see release)
+        if self._state is RELEASED or (prev is not None and prev._res is None):
+            self._usable("hand it to the kernel")
         self._op = op
         self._reading = reading
         self._member = member
@@ -282,6 +285,12 @@ class Buffer:
         nothing uses it).  Refused while in flight or while a view is alive."""
         self._usable("release it")
         self._no_views("release it")
+        # Checked again and set with no call in between (a call is where another thread or a
+        # signal handler can run): two release() calls, or a release() racing a ring call that
+        # lends the buffer, cannot both succeed, so an index never goes back twice.
+        prev = self._op
+        if self._state is RELEASED or (prev is not None and prev._res is None):
+            self._usable("release it")
         self._state = RELEASED
         owner = self._owner
         if owner is not None:
@@ -301,9 +310,9 @@ class Buffer:
     def _abandon(self) -> None:
         """The handle is dropped (or left on an exception): the buffer goes back once nothing
         uses it any more (its operation ended, no view alive)."""
-        if self._state is RELEASED:
-            return
         op = self._op
+        if self._state is RELEASED:  # checked and set with no call in between (see release)
+            return
         self._state = RELEASED
         owner = self._owner
         if owner is not None:
@@ -323,6 +332,20 @@ class Buffer:
     @classmethod
     def _pinned_size(cls, buf: Buffer) -> int:
         return buf._cap
+
+
+class _Claim:
+    """Marks buffers taken for a batch that is being queued (in flight until the batch is
+    known): ``_res`` None reads as IN_FLIGHT."""
+
+    __slots__ = ()
+    _res = None
+
+    def __repr__(self) -> str:
+        return "<a batch being queued>"
+
+
+CLAIMED = _Claim()
 
 
 class _Owner:
