@@ -29,6 +29,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ._binding import ffi, lib
+from ._guard import _get_ident
 from .errors import BufferBusyError, MemlockLimitError, OperationStateError, os_error
 
 if TYPE_CHECKING:
@@ -593,8 +594,21 @@ class BufferRing(_Owner):
     def _give_back(self, index: int) -> None:
         if not self._piece_back(index):
             return  # other pieces are out, or the kernel is still filling the buffer
+        ring = self._ring
+        if (self.mode == "ring" and not self._starved and not self._closed
+                and ring._owner == _get_ident() and ring._chain is None):
+            # The common case, kept short: released by the thread that owns the ring, outside
+            # any of its calls (_owner would be the busy mark), nobody waiting for a buffer.
+            # One C call publishes it; a signal handler can only run before or after it.
+            if self.incremental:
+                self._next_off[index] = 0
+                self._kernel_has[index] = 1
+            lib.sr_buf_ring_provide_one(self._ring_addr, self._entries - 1,
+                                        self._slab.addrs[index], self._slab.size, index)
+            self._gen += 1
+            return
         self._returned.append(index)
-        self._ring._recycle(self)
+        ring._recycle(self)
 
     def _give_back_later(self, index: int) -> None:
         # From the completion path: no SQE may be written there.

@@ -84,6 +84,16 @@ void sr_buf_ring_provide(uint64_t ring_addr, unsigned mask, const uint64_t *addr
     io_uring_buf_ring_advance(br, (int)n);
 }
 
+/* One buffer back on the ring (the common case: a receive's buffer released by its owner). */
+void sr_buf_ring_provide_one(uint64_t ring_addr, unsigned mask, uint64_t addr, unsigned size,
+                             unsigned bid)
+{
+    struct io_uring_buf_ring *br = (struct io_uring_buf_ring *)(uintptr_t)ring_addr;
+
+    io_uring_buf_ring_add(br, (void *)(uintptr_t)addr, size, (unsigned short)bid, (int)mask, 0);
+    io_uring_buf_ring_advance(br, 1);
+}
+
 /* A batch of fixed-buffer reads or writes: member m uses registered buffer index[m] (at
    addrs[m], `len` bytes) and file offset offs[m].  Shaped like sr_prep_rw_blocks. */
 int sr_prep_fixed_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int fd,

@@ -162,6 +162,8 @@ int sr_register_buf_ring(sr_ring *r, uint64_t ring_addr, unsigned entries, unsig
 int sr_unregister_buf_ring(sr_ring *r, unsigned bgid);
 void sr_buf_ring_provide(uint64_t ring_addr, unsigned mask, const uint64_t *addrs, unsigned size,
                          const uint16_t *bids, unsigned n);
+void sr_buf_ring_provide_one(uint64_t ring_addr, unsigned mask, uint64_t addr, unsigned size,
+                             unsigned bid);
 int sr_prep_fixed_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int fd,
                          const uint64_t *addrs, const uint16_t *index, unsigned len,
                          const uint64_t *offs);
