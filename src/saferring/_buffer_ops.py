@@ -233,6 +233,8 @@ class BufferOps(OpsBase):
                 starved, br._starved = br._starved, []
                 for op in starved:
                     self._arm_starved(op)
+            if br._held:  # still in use (a view alive, an operation running): look again later
+                self._buffer_work = True
 
     def _arm_starved(self, op: SelectedBuffersOperation) -> None:
         if op._res is not None or not op._starved:
