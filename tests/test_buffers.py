@@ -1534,3 +1534,65 @@ def test_read_fixed_many_bad_input(ring: saferring.Ring, pool: BufferPool, pipe:
         os.close(fd)
         a.release()
         b.release()
+
+
+def test_racing_releases_give_a_buffer_back_once() -> None:
+    """Two threads (and a signal handler) releasing the same buffer at once: exactly one
+    release succeeds each time, so no pool slot or ring buffer id goes back twice (which would
+    let two holders, or a holder and the kernel, share one buffer)."""
+    out = run_isolated("""
+        import random, signal, socket, sys, threading, saferring
+        sys.setswitchinterval(1e-6)
+        ring = saferring.Ring(16)
+        pool = saferring.BufferPool(ring, 4, 4096)
+        br = saferring.BufferRing(ring, 4, 4096)
+        tx, rx = socket.socketpair()
+        op = ring.recv_multishot(rx, br)
+        doubles = 0
+        for attempt in range(1500):
+            if attempt % 2:
+                buf = pool.lease()
+            else:
+                tx.sendall(b"x" * 4096)
+                got = []
+                while not got:
+                    ring.wait(1, timeout=1)
+                    got = op.take()
+                buf = got[0]
+                for extra in got[1:]:
+                    extra.release()
+            ok = []
+            bar = threading.Barrier(2)
+            def other():
+                bar.wait()
+                try:
+                    buf.release(); ok.append(1)
+                except saferring.SaferRingError:
+                    pass
+            t = threading.Thread(target=other); t.start()
+            bar.wait()
+            try:
+                buf.release(); ok.append(1)
+            except saferring.SaferRingError:
+                pass
+            t.join()
+            doubles += len(ok) != 1
+        sys.setswitchinterval(0.005)
+        assert doubles == 0, doubles
+        assert pool.available() == 4
+        held = [pool.lease() for _ in range(4)]
+        assert sorted(b.index for b in held) == [0, 1, 2, 3]
+        # Every ring buffer comes back once: 4 chunks held at once use 4 distinct buffers.
+        for i in range(4):
+            tx.sendall(bytes([i]) * 4096)
+        chunks = []
+        while sum(c.nbytes for c in chunks) < 4 * 4096:
+            ring.wait(1, timeout=1)
+            chunks += op.take()
+        assert len({c.index for c in chunks}) == len(chunks), [c.index for c in chunks]
+        for c in chunks + held:
+            c.release()
+        op.cancel(); ring.close(timeout=10)
+        print("ok")
+    """, timeout=300)
+    assert out.startswith("ok")
