@@ -1449,3 +1449,70 @@ def test_incremental_stream_through_tiny_ring(ring: saferring.Ring, single_shot:
     assert op.state is OpState.COMPLETED
     assert bytes(got) == data
     br.close()
+
+
+# -- found by review: the kernel's own ways of ending or oversizing a receive -----------------
+
+
+@pytest.mark.parametrize("kind", ["recv", "read"])
+def test_multishot_stopped_by_a_full_completion_queue_goes_on(ring: saferring.Ring,
+                                                              kind: str) -> None:
+    """When the completion queue is full the kernel stops a multishot request with a final CQE
+    that still carries data (no F_MORE): that is not end of stream, so the library arms it again
+    and every chunk arrives, in order, with the operation still running."""
+    small = saferring.Ring(4, cq_entries=8)
+    try:
+        br = saferring.BufferRing(small, 128, 256)
+        if kind == "recv":
+            tx, rx = socket.socketpair()
+            op = small.recv_multishot(rx, br)
+            send = tx.send
+        else:
+            rfd, wfd = os.pipe()
+            op = small.read_multishot(rfd, br)
+
+            def send(data: bytes) -> int:
+                return os.write(wfd, data)
+        small.submit()
+        sent = b""
+        for i in range(48):  # more chunks than the CQ holds, none reaped meanwhile
+            chunk = bytes([i]) * 64
+            send(chunk)
+            sent += chunk
+            time.sleep(0.001)
+        got = b""
+        deadline = time.monotonic() + 10
+        while len(got) < len(sent):
+            assert time.monotonic() < deadline, f"{len(got)} of {len(sent)} bytes"
+            assert not op.done(), f"{op!r} ended while the stream is open"
+            small.wait(1, timeout=0.1)
+            for buf in op.take():
+                got += buf.tobytes()
+                buf.release()
+        assert got == sent
+        op.cancel()
+        _finish(small, op)
+        for buf in op.take():
+            buf.release()
+        if kind == "recv":
+            tx.close()
+            rx.close()
+        else:
+            os.close(rfd)
+            os.close(wfd)
+        br.close()
+    finally:
+        small.close()
+
+
+def test_msg_trunc_refused_for_buffer_ring_receives(ring: saferring.Ring) -> None:
+    """MSG_TRUNC (a datagram's full length, which can exceed the picked buffer) is refused for
+    receives that pick from a BufferRing, before anything is queued."""
+    br = saferring.BufferRing(ring, 2, 64)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with pytest.raises(ValueError, match="MSG_TRUNC"):
+            ring.recv(s, br, socket.MSG_TRUNC)
+        with pytest.raises(ValueError, match="MSG_TRUNC"):
+            ring.recv_multishot(s, br, socket.MSG_TRUNC)
+    assert ring.stats().in_flight == 0
+    br.close()

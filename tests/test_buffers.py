@@ -1596,3 +1596,20 @@ def test_racing_releases_give_a_buffer_back_once() -> None:
         print("ok")
     """, timeout=300)
     assert out.startswith("ok")
+
+
+def test_msg_trunc_recv_keeps_only_what_fits(ring: saferring.Ring) -> None:
+    """recv(..., MSG_TRUNC) of a datagram larger than the Buffer reports the datagram's length,
+    but the buffer holds (nbytes) only what fits, so sending it back reads nothing beyond it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        for s in (b, c):
+            s.bind((LOCAL4, 0))
+        b.connect(c.getsockname())
+        buf = Buffer(64)
+        c.sendto(b"x" * 20000, b.getsockname())
+        assert ring.run(ring.recv(b, buf, socket.MSG_TRUNC)) == 20000
+        assert buf.nbytes == 64 and buf.tobytes() == b"x" * 64
+        assert ring.run(ring.send(b, buf)) == 64
+        c.settimeout(5)
+        assert c.recv(65536) == b"x" * 64

@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import socket as _socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,8 @@ class BufferOps(OpsBase):
         _internal: dict[int, Any]
 
         def _finish(self, op: Operation[Any]) -> None: ...
+        _backlog: Any
+        _cur: Any
         def _batch(self, count: int, kind: str, pins: Any, prep: Any, *args: Any) -> Any: ...
         def _list_ready(self, op: Operation[Any]) -> None: ...
 
@@ -262,9 +265,11 @@ class BufferOps(OpsBase):
         res = op._res
         assert res is not None
         br = op._bufring
-        if res == _NEG_ENOBUFS or (res > 0 and op._single and type(op) is not SelectedBufferOperation):
-            pass
-        else:
+        # Going on: after -ENOBUFS (nothing consumed), and after data without F_MORE from a
+        # single-shot request of the fallback or from a multishot one the kernel stopped while
+        # data still flows (its CQE did not fit the completion queue, for one).  End of stream
+        # is res == 0.  A single recv/read (SelectedBufferOperation) ends with its data.
+        if res != _NEG_ENOBUFS and (res <= 0 or type(op) is SelectedBufferOperation):
             return False
         if op.cancel_requested or br._closed or self._closed:
             if res == _NEG_ENOBUFS:
@@ -295,14 +300,25 @@ class BufferOps(OpsBase):
         return True
 
     def _finish_starved(self, op: SelectedBuffersOperation) -> None:
-        """Cancel a request that waits for a buffer: it has nothing in the kernel."""
+        """Cancel a request that waits for a buffer: it has nothing in the kernel.
+
+        Recorded like a completion loop records a CQE: as the operation being finished
+        (``_cur``) with a pending (empty) backlog, so that if a signal handler raises inside
+        ``_finish``, the next reap (or ``close()``) finishes it instead of leaving it in flight."""
         op._starved = False
         try:
             op._bufring._starved.remove(op)
         except ValueError:
             pass
+        mine = self._backlog is None
+        if mine:
+            self._backlog = iter(())
+        self._cur = op
         op._res = -errno.ECANCELED
         self._finish(op)
+        self._cur = None
+        if mine:
+            self._backlog = None
 
     # -- operations --------------------------------------------------------------------------
 
@@ -458,7 +474,7 @@ class BufferOps(OpsBase):
     def _recv_buffer(self, fd: Any, buffer: Any, flags: int) -> Any:
         if type(buffer) is BufferRing:
             return self._select(SelectedBufferOperation, "recv", OP["RECV"], fd, buffer, 0,
-                                _recv_flags(flags), False)
+                                _select_flags(flags), False)
         return self._buffer_io("recv", OP["RECV"], fd, buffer, True, 0, _recv_flags(flags),
                                None, False)
 
@@ -515,7 +531,7 @@ class BufferOps(OpsBase):
         """
         multishot = not single_shot and kernel_can("RECV_MULTISHOT")
         return self._select(SelectedBuffersOperation, "recv", OP["RECV"], fd, buffers, 0,  # type: ignore[no-any-return]
-                            _recv_flags(flags), multishot, single=not multishot)
+                            _select_flags(flags), multishot, single=not multishot)
 
     @_exclusive
     def read_multishot(self, fd: Any, buffers: BufferRing, *,
@@ -548,3 +564,12 @@ def _offset(value: Any) -> int:
 
 def _recv_flags(flags: Any) -> int:
     return _msg_flags(flags, _MSG_RECV, "recv()")
+
+
+def _select_flags(value: Any) -> int:
+    # MSG_TRUNC makes a datagram receive report the datagram's length, not what the picked
+    # buffer holds: refused here (a plain recv into a Buffer keeps only what fits).
+    flags = _recv_flags(value)
+    if flags & int(_socket.MSG_TRUNC):
+        raise ValueError("MSG_TRUNC is not taken by a receive that picks from a BufferRing")
+    return flags

@@ -182,9 +182,11 @@ class Buffer:
             if self._member >= 0:  # a batch member: its own result, from the C batch
                 res = int(op._out.res[self._member])
             if self._reading:
-                # The final CQE decides: what was read, or nothing valid after a failure.
+                # The final CQE decides: what was read, or nothing valid after a failure.  A
+                # recv with MSG_TRUNC reports the datagram's full length, which can exceed the
+                # buffer: only what fits is valid (a later send must not read past the end).
                 if res >= 0:
-                    self._state, self._n = FILLED, res
+                    self._state, self._n = FILLED, (res if res <= self._cap else self._cap)
                 else:
                     self._state, self._n = FREE, 0
         return self._state
@@ -565,7 +567,8 @@ class BufferRing(_Owner):
             if bid < self._slab.count:
                 self._give_back_later(bid)
             return None
-        return Buffer._make(self._slab, bid, self, FILLED, res)
+        size = self._slab.size
+        return Buffer._make(self._slab, bid, self, FILLED, res if res <= size else size)
 
     def _take_piece(self, bid: int, res: int, flags: int) -> Buffer | None:
         # The kernel writes each chunk right after the previous one in the same buffer, and
@@ -577,9 +580,11 @@ class BufferRing(_Owner):
             if not self._kernel_has[bid] and not self._pieces[bid]:
                 self._give_back_later(bid)
             return None
-        self._next_off[bid] = off + res
+        room = self._slab.size - off
+        n = res if res <= room else room  # never past the buffer (see Buffer.state)
+        self._next_off[bid] = off + n
         self._pieces[bid] += 1
-        return Buffer._make(self._slab, bid, self, FILLED, res, off, res)
+        return Buffer._make(self._slab, bid, self, FILLED, n, off, n)
 
     def _piece_back(self, index: int) -> bool:
         """A piece of buffer ``index`` came back: True if the whole buffer can now go back."""
