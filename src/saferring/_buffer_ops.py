@@ -312,7 +312,7 @@ class BufferOps(OpsBase):
             pass
         mine = self._backlog is None
         if mine:
-            self._backlog = iter(())
+            self._backlog = ()
         self._cur = op
         op._res = -errno.ECANCELED
         self._finish(op)

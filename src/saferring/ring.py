@@ -777,9 +777,13 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
                 # Settle the members that were never prepared.  If that ends the batch, it has
                 # no CQE to come: the next reap finishes it (_recover), so no exception between
                 # here and there can strand it in the registry.
+                # No call before C settles the batch (a call is where a signal handler can raise
+                # again): the empty backlog is a constant, and += extends the list in place
+                # without a call instruction.  Once both are set, an interruption anywhere
+                # leaves the batch where _recover finds it.
                 if self._backlog is None:
-                    self._backlog = iter(())
-                self._abandoned.append(op)  # before C settles it: found again if interrupted
+                    self._backlog = ()
+                self._abandoned += (op,)
                 if lib.sr_batch_abandon(c, batch, -errno.ECANCELED) and op._res is None:
                     op._res = batch.first_error or count  # best effort; _recover otherwise
                     self._finish(op)
