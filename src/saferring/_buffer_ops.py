@@ -39,6 +39,7 @@ from .operation import (
     CancelRequest,
     SelectedBufferOperation,
     SelectedBuffersOperation,
+    TimeoutRepeatOperation,
     new_operation,
 )
 
@@ -133,6 +134,20 @@ class BufferOps(OpsBase):
             group = next(g for g in range(0x10000) if g not in groups)
         elif group in groups:
             raise ValueError(f"buffer group {group} is already used on this ring")
+        # The group is the ring's from now on, before the kernel hears of it: the ring keeps the
+        # buffers' memory alive whatever interrupts this (the kernel may hold their addresses
+        # as soon as a registration or a PROVIDE_BUFFERS request reached it).  Only a group the
+        # kernel never took (registration refused) is given up again.
+        br.group = group
+        groups[group] = br
+        try:
+            self._register_group(br, group)
+        except BaseException:
+            if not br._kernel_took:
+                del groups[group]
+            raise
+
+    def _register_group(self, br: BufferRing, group: int) -> None:
         mode = br.mode
         if mode in ("auto", "ring"):
             addr = br._map_ring()
@@ -146,6 +161,7 @@ class BufferOps(OpsBase):
                 rc = lib.sr_register_buf_ring(self._c, addr, br._entries, group, 0)
             if rc >= 0:
                 mode = "ring"
+                br._kernel_took = True
             else:
                 br._ring_map = br._ring_export = None
                 if rc != -errno.EINVAL or mode == "ring":
@@ -158,16 +174,15 @@ class BufferOps(OpsBase):
                         raise memlock_error(-rc, br._entries * 16)
                     raise os_error(-rc, "io_uring_register_buf_ring")
                 mode = "provide"  # the kernel has no buffer rings: provide them by SQE
-        br.group = group
         br.mode = mode
         bids = list(range(br.count))
         if mode == "ring":
             br._provide_ring(bids)
         else:
             self._require(OP["PROVIDE_BUFFERS"])
+            br._kernel_took = True  # from the first SQE on, the kernel may list these buffers
             self._provide_by_sqe(br, bids)
             self._submit()
-        groups[group] = br
 
     def _provide_by_sqe(self, br: BufferRing, bids: list[int]) -> None:
         """Queue one ``IORING_OP_PROVIDE_BUFFERS`` per buffer (each is its own mapping).  They
@@ -219,6 +234,12 @@ class BufferOps(OpsBase):
         if self._chain is not None:
             return
         self._buffer_work = False
+        while self._deferred:  # re-arms that waited for the caller's chain to close
+            op = self._deferred.pop()
+            if type(op) is TimeoutRepeatOperation:
+                self._arm_repeat(op)
+            else:
+                self._arm_starved(op)
         for br in list(self._groups.values()):
             if br._closed:
                 continue
@@ -279,12 +300,22 @@ class BufferOps(OpsBase):
             self._list_ready(op)
             op._rstate = 1
             op._items.append((res, op._last_flags))
+            op._arrived()
         if res == _NEG_ENOBUFS and br._gen == op._armed_gen:
             # Nothing came back since the request was armed: wait for a buffer.
             op._res = None
             op._rstate = 0
             op._starved = True
             br._starved.append(op)
+            return True
+        if self._chain is not None:
+            # An SQE written now would join the chain the caller has open (wait(0) may reap
+            # inside one): armed once the chain is closed.
+            op._res = None
+            op._rstate = 0
+            op._starved = True
+            self._deferred.append(op)
+            self._buffer_work = True
             return True
         a = op._args
         op._res = None
@@ -299,17 +330,31 @@ class BufferOps(OpsBase):
             self._buffer_work = True
         return True
 
-    def _finish_starved(self, op: SelectedBuffersOperation) -> None:
+    def _arm_repeat(self, op: TimeoutRepeatOperation) -> None:
+        """Arm a repeating timeout whose re-arm waited for the caller's chain to close."""
+        if op._res is not None or not op._starved:
+            return
+        addr, flags = op._args
+        op._starved = False
+        rc = lib.sr_prep_ext(self._c, op._ud, OP["TIMEOUT"], -1, addr, 1, 0, flags, 0, 0, 0, 0,
+                             0, 0)
+        if rc < 0:
+            op._starved = True
+            self._deferred.append(op)
+            self._buffer_work = True
+
+    def _finish_starved(self, op: Any) -> None:
         """Cancel a request that waits for a buffer: it has nothing in the kernel.
 
         Recorded like a completion loop records a CQE: as the operation being finished
         (``_cur``) with a pending (empty) backlog, so that if a signal handler raises inside
         ``_finish``, the next reap (or ``close()``) finishes it instead of leaving it in flight."""
         op._starved = False
-        try:
-            op._bufring._starved.remove(op)
-        except ValueError:
-            pass
+        for waiting in (getattr(getattr(op, "_bufring", None), "_starved", []), self._deferred):
+            try:
+                waiting.remove(op)
+            except ValueError:
+                pass
         mine = self._backlog is None
         if mine:
             self._backlog = ()
@@ -415,7 +460,7 @@ class BufferOps(OpsBase):
         # the batch is being queued.
         index = array.array("H")
         maps, baseline, refs = slab.maps, slab._baseline, sys.getrefcount
-        claimed: list[Buffer] = []
+        claimed: list[tuple[Buffer, Any]] = []
         try:
             for buf in bufs:
                 if type(buf) is not Buffer or buf._owner is not pool:
@@ -430,11 +475,11 @@ class BufferOps(OpsBase):
                 if (prev is not None and prev._res is None) or buf._state is RELEASED:
                     buf._usable("hand it to the kernel")  # raises
                 buf._op = CLAIMED
-                claimed.append(buf)
+                claimed.append((buf, prev))
                 index.append(i)
         except BaseException:
-            for buf in claimed:
-                buf._op = None
+            for buf, prev in claimed:
+                buf._op = prev  # an earlier operation's result stays readable
             raise
         table = slab.addrs
         addrs = array.array("Q", [table[i] for i in index])
@@ -570,6 +615,8 @@ def _select_flags(value: Any) -> int:
     # MSG_TRUNC makes a datagram receive report the datagram's length, not what the picked
     # buffer holds: refused here (a plain recv into a Buffer keeps only what fits).
     flags = _recv_flags(value)
-    if flags & int(_socket.MSG_TRUNC):
-        raise ValueError("MSG_TRUNC is not taken by a receive that picks from a BufferRing")
+    if flags & int(_socket.MSG_TRUNC | _socket.MSG_PEEK):
+        # MSG_PEEK would hand out the same bytes again and again, each in a new buffer.
+        raise ValueError("MSG_TRUNC and MSG_PEEK are not taken by a receive that picks from a "
+                         "BufferRing")
     return flags

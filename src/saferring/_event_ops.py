@@ -154,6 +154,7 @@ class EventOps(OpsBase):
                 rep._args = (addr_of(ts), flags)
                 rep._left = count if count else -1
                 rep._rstate = 0
+                rep._starved = False
                 return self._queue_ext(rep, OP["TIMEOUT"], -1, addr_of(ts), 1, 0, flags)
             op: Any = _new_op(TimeoutMultishotOperation, self, ts, self._take_flagged_ud())
             return self._queue_ext(op, OP["TIMEOUT"], -1, addr_of(ts), 1, count,
@@ -173,6 +174,13 @@ class EventOps(OpsBase):
             op._items.append(0)
         if op._left == 0:
             return False  # that was the last expiry: _settle ends it COMPLETED
+        if self._chain is not None:  # an SQE now would join the caller's open chain
+            op._res = None
+            op._rstate = 0
+            op._starved = True
+            self._deferred.append(op)
+            self._buffer_work = True
+            return True
         addr, flags = op._args
         op._res = None
         op._rstate = 0

@@ -27,7 +27,8 @@ class OpsBase:
     """The parts of Ring the operation families build on (implemented in ring.py)."""
 
     # The state the families share lives here (the rest of Ring's slots are in ring.py).
-    __slots__ = ("_buffer_work", "_chain", "_files", "_groups", "_pool", "_ring_fd_registered")
+    __slots__ = ("_buffer_work", "_chain", "_deferred", "_files", "_groups", "_pool",
+                 "_ring_fd_registered")
 
     _chain: Chain | None
     _files: FileTable | None
@@ -35,6 +36,7 @@ class OpsBase:
     _pool: BufferPool | None  # the registered buffer table's pool
     _groups: dict[int, BufferRing]  # provided buffer groups by id
     _buffer_work: bool  # buffers came back, or requests wait for one: see _service_buffers
+    _deferred: list[Any]  # requests to arm again once the caller's chain is closed
 
     if TYPE_CHECKING:
         _c: Any

@@ -238,6 +238,11 @@ class Buffer:
         if self._state is RELEASED or (prev is not None and prev._res is None):
             self._usable("hand it to the kernel")
         self._op = op
+        # In flight from here (view() refuses); a view taken just before the change is caught
+        # now, while nothing is queued yet.
+        if self._slab.views_alive(self._index):
+            self._op = prev
+            self._no_views("hand it to the kernel")
         self._reading = reading
         self._member = member
         return int(self._slab.addrs[self._index]) + self._off
@@ -296,7 +301,14 @@ class Buffer:
             self._usable("release it")
         self._state = RELEASED
         owner = self._owner
-        if owner is not None:
+        if owner is None:
+            return
+        # From here no view can be taken (view() refuses a released buffer); one taken between
+        # the check above and the state change (a signal handler, another thread) keeps the
+        # buffer back until it is gone.
+        if self._slab.views_alive(self._index):
+            owner._quarantine(self._index, None)
+        else:
             owner._give_back(self._index)
 
     def __enter__(self) -> Buffer:
@@ -528,6 +540,7 @@ class BufferRing(_Owner):
         self._ring_addr = 0
         self.group = -1
         self.mode = mode
+        self._kernel_took = False  # the kernel may hold these buffers' addresses
         self.want_incremental = bool(incremental)
         #: True if the kernel consumes the buffers incrementally (set at registration).
         self.incremental = False

@@ -66,6 +66,8 @@ class Operation(Generic[T]):
     _wants_flags: ClassVar[bool] = False
     #: A final CQE may re-arm the request instead of ending it (``_rearm``).
     _rearms: ClassVar[bool] = False
+    #: The completion loop calls ``_arrived()`` after each value (multishot kinds).
+    _on_arrival: ClassVar[bool] = False
 
     def _rearm(self, ring: Any) -> bool:
         """For kinds with ``_rearms``: called by ``Ring._finish`` on a final CQE; True if the
@@ -608,14 +610,20 @@ class MultishotOperation(Operation[list[V]]):
         stay in the ring's ready list for your next ``wait()``."""
         ring = self._ring
         while True:
-            got = self.take()
-            yield from got
-            if self._res is not None and not getattr(self, "_items", None):
+            # One value at a time, taken off only as it is handed out: breaking out of the
+            # loop (or an exception in its body) leaves the rest for take() or the next loop.
+            items = getattr(self, "_items", None)
+            if items:
+                value = self._convert(items[0])
+                items.popleft()
+                if value is not None or not self._wants_flags:  # (a chunk that held no data)
+                    yield value
+                continue
+            if self._res is not None:
                 if self._state is not COMPLETED:
                     self.result()  # raises the error (or the cancellation)
                 return
-            if not got:
-                ring._pump(1_000_000_000)
+            ring._pump(1_000_000_000)
 
     def pending(self) -> int:
         """How many values are waiting to be taken."""
@@ -666,8 +674,9 @@ class TimeoutRepeatOperation(TimeoutMultishotOperation):
     (so ``timeout_remove``/``cancel`` find it).  Each period starts when the previous expiry
     was reaped, so the ticks drift by the reaping delay."""
 
-    __slots__ = ("_args", "_left", "_rstate")
+    __slots__ = ("_args", "_left", "_rstate", "_starved")
     _rearms = True
+    _starved: bool  # its re-arm waits for the caller's chain to close
     _args: tuple[int, int]  # (timespec address, timeout flags)
     _left: int  # expiries still to come (-1: until cancelled)
     _rstate: int  # 1 once the current expiry's value is kept
@@ -711,6 +720,7 @@ class AcceptDirectMultishotOperation(MultishotOperation["FixedFile"]):
 
     __slots__ = ("_since", "_table")
     _plain_values = False
+    _on_arrival = True
     kind = "accept"
 
     _table: Any
@@ -765,6 +775,14 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
     _wants_flags = True
     _rearms = True
     _plain_values = False
+    _on_arrival = True
+
+    def _arrived(self) -> None:
+        # Each chunk becomes its Buffer as it is reaped, in the kernel's order: an incremental
+        # ring's pieces take their offsets from that order, whichever request they came from.
+        items = self._items
+        if items and type(items[-1]) is tuple:
+            items[-1] = self._bufring._take(*items[-1])
 
     _args: tuple[Any, ...]  # what re-arming needs: (opcode, fd, len, off, op_flags, sqe_flags, ioprio)
     _armed_gen: int  # the buffer ring's generation when the request was last armed
@@ -794,6 +812,7 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
         if res is not None and res > 0 and not getattr(self, "_last_added", False):
             self._last_added = True
             self._items.append((res, getattr(self, "_last_flags", 0)))
+            self._arrived()
         elif res is not None and res <= 0 and getattr(self, "_last_flags", 0) & 1:
             # A buffer picked for a request that then got no data: straight back to the ring.
             flags = self._last_flags
@@ -801,8 +820,10 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
             self._bufring._take(0, flags)
 
     def _convert(self, item: Any) -> Any:
-        res, flags = item
-        return self._bufring._take(res, flags)
+        if type(item) is tuple:  # not converted on arrival (a signal interrupted)
+            res, flags = item
+            return self._bufring._take(res, flags)
+        return item
 
     def take(self) -> list[Buffer]:
         """The buffers filled since the last call (oldest first), each ``FILLED`` and yours to
@@ -812,7 +833,8 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
             return []
         out = []
         while items:
-            buf = self._convert(items.popleft())
+            buf = self._convert(items[0])
+            items.popleft()
             if buf is not None:
                 out.append(buf)
         return out
@@ -821,7 +843,7 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
         # Values never taken hold buffer ids: hand them back to the kernel.
         for item in getattr(self, "_items", ()):
             try:
-                buf = self._bufring._take(*item)  # the buffer (or piece) the value holds...
+                buf = self._convert(item)  # the buffer (or piece) the value holds...
                 if buf is not None:
                     buf._abandon()  # ...goes back once nothing uses it
             except Exception:  # noqa: BLE001 - a finaliser must not raise

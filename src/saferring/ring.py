@@ -72,7 +72,6 @@ from .fixed import FileTable, FixedFile
 from .operation import UD_FLAGGED as _UD_FLAGGED
 from .operation import UD_MESSAGE as _UD_MESSAGE
 from .operation import (
-    AcceptDirectMultishotOperation,
     BatchOperation,
     CancelRequest,
     CloseOperation,
@@ -259,6 +258,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         self._pool = None
         self._groups = {}
         self._buffer_work = False
+        self._deferred = []
         if lib is None:
             raise UnsupportedPlatformError(f"saferring cannot create a Ring: {UNAVAILABLE_REASON}")
 
@@ -985,7 +985,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
 
     def _queue_cancel(self, op: Operation[Any]) -> None:
         if getattr(op, "_starved", False):  # waiting for a buffer: nothing in the kernel
-            self._finish_starved(op)  # type: ignore[arg-type]
+            self._finish_starved(op)
             return
         if isinstance(op, BatchOperation):
             for member in op._member_user_data():
@@ -1111,6 +1111,8 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         if op._res is None and op.user_data not in self._registry:
             raise OperationStateError(f"{op._what()} was never submitted on this ring")
         while op._res is None:
+            if self._buffer_work:  # buffers came back: hand them over before blocking
+                self._service_buffers()
             self._reap(1, -1)
         ready = self._ready
         if ready and ready[-1] is op:
@@ -1175,8 +1177,8 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
                     # cannot lose the value (an accepted descriptor, a send's byte count).
                     op._items.append((res, flags) if op._wants_flags else res)  # type: ignore[attr-defined]  # flagged kinds have it
                     self._list_ready(op)
-                    if type(op) is AcceptDirectMultishotOperation:
-                        op._arrived()
+                    if op._on_arrival:  # values turned into objects while the moment is right
+                        op._arrived()  # type: ignore[attr-defined]
                 else:
                     self._cur = op
                     if op._wants_flags:  # the final CQE's buffer id
