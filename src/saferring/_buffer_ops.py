@@ -309,14 +309,7 @@ class BufferOps(OpsBase):
             br._starved.append(op)
             return True
         if self._chain is not None:
-            # An SQE written now would join the chain the caller has open (wait(0) may reap
-            # inside one): armed once the chain is closed.
-            op._res = None
-            op._rstate = 0
-            op._starved = True
-            self._deferred.append(op)
-            self._buffer_work = True
-            return True
+            return self._defer_rearm(op)
         a = op._args
         op._res = None
         op._rstate = 0
@@ -328,6 +321,17 @@ class BufferOps(OpsBase):
             op._starved = True
             br._starved.append(op)
             self._buffer_work = True
+        return True
+
+    def _defer_rearm(self, op: Any) -> bool:
+        """An SQE written now would join the chain the caller has open (``wait(0)`` may reap
+        inside one): the request goes on, armed once the chain is closed.  Returns True (the
+        request goes on), for ``_rearm_*``."""
+        op._res = None
+        op._rstate = 0
+        op._starved = True
+        self._deferred.append(op)
+        self._buffer_work = True
         return True
 
     def _arm_repeat(self, op: TimeoutRepeatOperation) -> None:

@@ -175,12 +175,7 @@ class EventOps(OpsBase):
         if op._left == 0:
             return False  # that was the last expiry: _settle ends it COMPLETED
         if self._chain is not None:  # an SQE now would join the caller's open chain
-            op._res = None
-            op._rstate = 0
-            op._starved = True
-            self._deferred.append(op)
-            self._buffer_work = True
-            return True
+            return self._defer_rearm(op)
         addr, flags = op._args
         op._res = None
         op._rstate = 0
