@@ -1070,11 +1070,17 @@ def test_fixed_bad_length_refused(ring: saferring.Ring, pool: BufferPool, pipe: 
 
 def test_fixed_bad_offset_refused(ring: saferring.Ring, pool: BufferPool,
                                   pipe: tuple[int, int]) -> None:
-    """read_fixed/write_fixed refuse an offset below -1 (ValueError) and a non-int (TypeError)."""
+    """read_fixed/write_fixed refuse an offset below -1 or beyond a file offset's range
+    (ValueError: 2**64 must not wrap round to 0) and a non-int (TypeError)."""
     r, w = pipe
     with pool.lease() as buf:
         with pytest.raises(ValueError):
             ring.read_fixed(r, buf, -2)
+        for too_far in (1 << 63, 1 << 64):
+            with pytest.raises(ValueError):
+                ring.read_fixed(r, buf, too_far)
+            with pytest.raises(ValueError):
+                ring.write_fixed(w, buf, too_far)
         with pytest.raises(TypeError):
             ring.write_fixed(w, buf, "0")
         assert _in_flight(ring) == 0 and buf.state is FREE

@@ -606,8 +606,7 @@ def _buffer(buffer: Any) -> Buffer:
 
 def _offset(value: Any) -> int:
     offset: int = _pinning.index(value, "offset")
-    if offset < -1:
-        raise ValueError(f"offset must be >= 0, or -1 for the file position; got {offset}")
+    _pinning.check_offset(offset)  # the same rule as ring.read's (no silent truncation)
     return offset & 0xFFFF_FFFF_FFFF_FFFF
 
 

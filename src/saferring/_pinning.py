@@ -223,3 +223,13 @@ def offsets_array(offsets: Any) -> array.array[int]:
         raise ValueError("offsets must be >= 0 (and below 2**64)") from None
     except TypeError:
         raise TypeError("offsets must be a sequence of ints") from None
+
+
+MAX_OFFSET = (1 << 63) - 1  # file offsets are signed 64-bit in the kernel (loff_t)
+
+
+def check_offset(offset: int) -> None:
+    """``ValueError`` unless ``offset`` is a file offset, or -1 for the file position."""
+    if not -1 <= offset <= MAX_OFFSET:
+        raise ValueError(f"offset must be between 0 and 2**63-1, or -1 for the file position; "
+                         f"got {offset}")

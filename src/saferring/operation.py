@@ -770,8 +770,8 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
     re-arms a single-shot one after each completion instead (``single_shot``).
     """
 
-    __slots__ = ("_args", "_armed_gen", "_bufring", "_keep", "_label", "_last_flags", "_rstate",
-                 "_single", "_starved")
+    __slots__ = ("_args", "_armed_gen", "_bufring", "_label", "_last_flags", "_rstate", "_single",
+                 "_starved")
     _wants_flags = True
     _rearms = True
     _plain_values = False
@@ -787,7 +787,6 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
     _args: tuple[Any, ...]  # what re-arming needs: (opcode, fd, len, off, op_flags, sqe_flags, ioprio)
     _armed_gen: int  # the buffer ring's generation when the request was last armed
     _bufring: Any
-    _keep: Any  # what must outlive the request (a dup of the descriptor)
     _label: str
     _last_flags: int  # flags of the final CQE (its buffer id)
     _rstate: int  # 1 while a re-arm that already kept its CQE's data is under way

@@ -125,7 +125,6 @@ _LIBRARY_BUFFERS = (Buffer, BufferRing)  # read() targets that are not caller me
 def _addr(cdata: Any) -> int:
     """The address of a pinned C object, for an SQE field."""
     return int(ffi.cast("uintptr_t", cdata))
-_MAX_OFFSET = (1 << 63) - 1
 _MIN_FD, _MAX_FD = -(1 << 31), (1 << 31) - 1
 
 
@@ -143,10 +142,7 @@ def _enter_error(code: int, what: str) -> Exception:
     return os_error(code, what)
 
 
-def _check_offset(offset: int) -> None:
-    if not -1 <= offset <= _MAX_OFFSET:
-        raise ValueError(f"offset must be between 0 and 2**63-1, or -1 for the file position; "
-                         f"got {offset}")
+_check_offset = _pinning.check_offset
 
 
 def _deadline(timeout: float | None) -> tuple[int, float]:
