@@ -1,8 +1,8 @@
 """Build saferring._uring, the cffi out-of-line API-mode extension, against the system liburing.
 
 Kept thin on purpose: the declarations live in ``src/saferring/_cffi_src/uring.h`` (the cdef) and
-the hot path in ``uring.c``, kernel-managed buffers in ``buffers.c`` and the behaviour probes in
-``kernel_probes.c`` (the source).
+the hot path in ``uring.c``, kernel-managed buffers in ``buffers.c``, the behaviour probes in
+``kernel_probes.c`` and the asyncio file layer's non-blocking reads in ``nowait.c`` (the source).
 This script only finds liburing, reads its version,
 stamps the package version into the module (checked at import, so a stale build fails loudly) and
 hands everything to cffi.  ``python build_ffi.py`` compiles in place, for development.
@@ -132,8 +132,9 @@ def make_ffi() -> FFI:
     builder.cdef((SRC / "uring.h").read_text())
     builder.set_source(
         "saferring._uring",
-        # One translation unit: the hot path, buffers, then the behaviour probes.
-        "\n".join((SRC / name).read_text() for name in ("uring.c", "buffers.c", "kernel_probes.c")),
+        # One translation unit: the hot path, buffers, the behaviour probes, non-blocking reads.
+        "\n".join((SRC / name).read_text()
+                  for name in ("uring.c", "buffers.c", "kernel_probes.c", "nowait.c")),
         libraries=["uring"],
         include_dirs=include_dirs,
         library_dirs=library_dirs,

@@ -11,6 +11,8 @@ nothing, lives apart in :mod:`saferring.unsafe`.
 0
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import constants
 from ._chain import Chain
 from ._state import OpState
@@ -26,6 +28,7 @@ from .errors import (
     SaferRingError,
     UnsupportedOperationError,
     UnsupportedPlatformError,
+    WrongLoopError,
     WrongThreadError,
 )
 from .features import Features
@@ -44,7 +47,23 @@ from .operation import (
 )
 from .ring import Ring, RingStats
 
+if TYPE_CHECKING:
+    from . import aio
+    from .aio import AsyncRing
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio layer is imported on first use: ``import saferring`` stays free of asyncio.
+    if name in ("aio", "AsyncRing"):
+        import importlib
+
+        aio = importlib.import_module(".aio", __name__)
+        return aio if name == "aio" else aio.AsyncRing
+    raise AttributeError(f"module 'saferring' has no attribute {name!r}")
+
+
 __all__ = [
+    "AsyncRing",
     "BatchOperation",
     "Buffer",
     "BufferBusyError",
@@ -74,7 +93,9 @@ __all__ = [
     "UnsupportedOperationError",
     "UnsupportedPlatformError",
     "WaitidResult",
+    "WrongLoopError",
     "WrongThreadError",
     "__version__",
+    "aio",
     "constants",
 ]

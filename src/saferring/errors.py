@@ -52,6 +52,11 @@ class WrongThreadError(SaferRingError):
     """
 
 
+class WrongLoopError(SaferRingError, RuntimeError):
+    """An :class:`~saferring.aio.AsyncRing` was used outside the event loop it is bound to (no
+    loop running, or another one): its completions are collected by that loop alone."""
+
+
 class OperationStateError(SaferRingError):
     """The operation is not in a state that allows what was asked (see :class:`~saferring.OpState`)."""
 
@@ -95,6 +100,7 @@ __all__ = [
     "SaferRingError",
     "UnsupportedOperationError",
     "UnsupportedPlatformError",
+    "WrongLoopError",
     "WrongThreadError",
     "cancelled_error",
     "os_error",

@@ -204,6 +204,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         "_cq_ud",
         "_cur",
         "_drained",
+        "_driver",
         "_features",
         "_forked",
         "_internal",
@@ -249,6 +250,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         self._cancel_round: set[int] = set()  # close(): ops cancelled in the current round
         self._last_cancel = -math.inf
         self._drained = False  # a drained chain was queued: cancel through the register path
+        self._driver: Any = None  # weakref to the AsyncRing that drives this ring, if any
         self._chain: Chain | None = None
         self._files: FileTable | None = None
         self._pool = None
@@ -351,6 +353,9 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             self._abandon_chain()
             self._drain(deadline)
             self._teardown()
+            driver = self._driver() if self._driver is not None else None
+            if driver is not None:
+                driver._ring_closed()  # wakes the tasks that awaited the drained operations
         except BaseException:
             # Still open (interrupted, or the kernel refused): the caller may retry.  Written
             # without a jump, like every owner restore: on CPython 3.10 a conditional jump is
@@ -1048,6 +1053,8 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             self._refuse()
         self._owner = _BUSY
         try:
+            if self._driver is not None:
+                raise self._driven("wait()")
             if type(min_complete) is not int:
                 min_complete = _pinning.index(min_complete, "min_complete")
             if min_complete < 0:
@@ -1090,9 +1097,31 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         """Submit and wait for at least one CQE (or ``timeout_ns``), keeping what finished in
         the ready list for the caller's next ``wait()`` (used by iterating over a multishot
         operation, which must not take other operations' completions away)."""
+        if self._driver is not None:
+            raise self._driven("iterating over a multishot operation")
         if self._buffer_work:
             self._service_buffers()
         self._reap(1, timeout_ns)
+
+    def _collect(self) -> list[Operation[Any]]:
+        """Hand queued SQEs to the kernel and collect what has completed, without waiting: the
+        one call an :class:`~saferring.aio.AsyncRing` drives the ring with.  Returns the ready
+        list itself (the driver empties it in place, so an interrupted dispatch loses nothing)."""
+        if _get_ident() != self._owner:
+            self._refuse()
+        self._owner = _BUSY
+        try:
+            if self._buffer_work:
+                self._service_buffers()
+            self._reap(0, 0)
+            return self._ready
+        finally:
+            self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
+
+    def _driven(self, what: str) -> OperationStateError:
+        return OperationStateError(
+            f"{what} on a ring driven by an AsyncRing: the event loop collects its completions; "
+            "await the AsyncRing's methods (or aring.run(op)) instead")
 
     @_exclusive
     def run(self, op: Operation[Any]) -> Any:
@@ -1106,6 +1135,8 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             raise OperationStateError("the operation belongs to another ring")
         if op._res is None and op.user_data not in self._registry:
             raise OperationStateError(f"{op._what()} was never submitted on this ring")
+        if op._res is None and self._driver is not None:
+            raise self._driven("run()")
         while op._res is None:
             if self._buffer_work:  # buffers came back: hand them over before blocking
                 self._service_buffers()

@@ -197,6 +197,8 @@ int sr_prep_nops(sr_ring *r, sr_batch *b, unsigned count);
 int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int fd, char *base,
                       unsigned block, const uint64_t *offs);
 
+/* nowait.c: preadv2(RWF_NOWAIT), the asyncio file layer's page-cache fast path */
+long sr_pread_nowait(int fd, void *buf, size_t len, int64_t off);
 
 int sr_submit(sr_ring *r);
 int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,

@@ -1,0 +1,733 @@
+"""AsyncRing: a :class:`~saferring.Ring` driven by an asyncio event loop.
+
+How a completion reaches the awaiting task
+------------------------------------------
+The ring's file descriptor is pollable: the kernel reports it readable while the completion
+queue holds CQEs.  The loop watches it with ``add_reader``, and the callback collects every
+completion with one C call (``Ring._collect``: submit what is queued, copy the CQEs out,
+record each operation's end) and resolves the future of each operation a task awaits.
+
+An awaited operation is submitted at once, in the same step that queued it (``submit="inline"``,
+the default): io_uring performs what it can without blocking inside that ``io_uring_enter``
+(a read of cached pages, a send into a socket buffer with room), so the CQE is often there when
+the call returns and the task goes on without suspending at all.  ``submit="deferred"`` queues
+the SQE and submits once per loop iteration instead (one ``io_uring_enter`` for every operation
+the iteration's tasks queued), which saves system calls when many tasks queue at once but costs
+every operation a trip through the loop.  ``benchmarks/test_bench_aio.py`` measures both.
+
+Cancellation never frees what the kernel may still use
+-------------------------------------------------------
+Cancelling a task that awaits an operation asks the kernel to cancel it (``ASYNC_CANCEL``) and
+raises :class:`asyncio.CancelledError` in the task at once.  The operation stays in the ring's
+registry, with everything it pins, until its own final CQE, exactly as in the synchronous API:
+a cancel is a request, and the kernel may finish the operation first (liburing#733).
+
+Nothing is lost either
+----------------------
+When the kernel finishes an operation whose task was cancelled, what it did is handed on
+instead of dropped (``_salvage_*``):
+
+* a receive (``recv``, or ``read`` at the file position, which consumes a stream) that got data:
+  the bytes (or the :class:`~saferring.Buffer` a buffer-ring receive picked) go to the next
+  ``recv``/``read`` of the same descriptor on this ring;
+* an ``accept`` that got a connection: the next ``accept`` on that listener returns it;
+  ``close_fd(listener)`` or closing the ring closes connections nobody took;
+* an ``openat``/``socket`` that created a descriptor: it is closed;
+* a ``read`` at an explicit offset consumed nothing, and a write or send that went through stays
+  done (the task was cancelled, not the effect: as with asyncio's own ``sock_sendall``).
+
+Kept data is tied to the file it came from (``st_dev``, ``st_ino``): if the descriptor number
+is closed and reused for another file, the data is dropped instead of delivered there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import weakref
+from asyncio import CancelledError
+from asyncio.events import _get_running_loop
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .._state import COMPLETED
+from ..buffers import Buffer
+from ..errors import OperationStateError, SaferRingError, WrongLoopError
+from ..operation import AcceptOperation, FdOperation, MultishotOperation, Operation
+from ..ring import Ring, RingStats
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+V = TypeVar("V")
+_Salvage = Callable[..., None]
+
+# Ring methods offered as coroutines by the generic wrapper (each awaits the operation's result);
+# the hot ones are written out below.  A method whose operation is multishot (accept or poll with
+# multishot=True, a multishot timeout) returns an AsyncMultishot when awaited.
+_GENERIC = (
+    "accept_direct", "async_cancel", "bind", "cancel_all", "cancel_fd", "close_direct",
+    "epoll_ctl", "fadvise", "fallocate", "fgetxattr", "fixed_fd_install", "fsetxattr",
+    "ftruncate", "futex_wait", "futex_wake", "getsockopt", "getxattr", "link_timeout", "linkat",
+    "listen", "madvise", "mkdirat", "msg_ring", "nop_many", "openat2", "openat_direct",
+    "poll_add", "poll_remove", "poll_update", "read_fixed", "read_fixed_many", "read_many",
+    "recvmsg", "renameat", "sendmsg", "sendmsg_zc", "send_zc", "sendto", "setsockopt",
+    "setxattr", "shutdown", "siocinq", "siocoutq", "socket_direct", "splice", "statx",
+    "symlinkat", "sync_file_range", "tee", "timeout", "timeout_remove", "timeout_update",
+    "unlinkat", "waitid", "write_fixed", "write_many", "fsync", "nop", "readv", "writev",
+)
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+class _Kept:
+    """What cancelled operations on one descriptor left for the next caller."""
+
+    __slots__ = ("ident", "items")
+
+    def __init__(self, ident: tuple[int, int]) -> None:
+        self.ident = ident
+        self.items: collections.deque[Any] = collections.deque()
+
+
+def _discard(item: Any) -> None:
+    """Let go of one kept item nobody will take: close a connection, return a Buffer."""
+    try:
+        if type(item) is tuple:
+            os.close(item[0])
+        elif type(item) is Buffer:
+            item.release()
+    except (OSError, SaferRingError):
+        pass
+
+
+class AsyncRing:
+    """A :class:`~saferring.Ring` whose operations are awaited on an asyncio event loop.
+
+    Create it inside a running loop (stock asyncio or uvloop); it belongs to that loop and its
+    thread, and raises :class:`~saferring.WrongLoopError` when used from another loop.
+    ``entries`` and the keyword ``options`` are :class:`~saferring.Ring`'s.  ``submit`` is
+    ``"inline"`` (hand each operation to the kernel as it is awaited; one that completes at once
+    costs no trip through the loop) or ``"deferred"`` (one submission per loop iteration).
+
+    Every operation method of :class:`~saferring.Ring` is a coroutine here that returns the
+    operation's result or raises its error (``n = await aring.read(fd, buf, 0)``).  Operations
+    that yield many values (``accept_multishot``, ``recv_multishot``, ``read_multishot``, and
+    ``accept``/``poll_add``/``timeout`` with ``multishot=True``) give an :class:`AsyncMultishot`
+    to iterate with ``async for``.  For what has no coroutine (chains, registrations, buffer
+    pools), use :attr:`ring` and await the operation with :meth:`run`.
+
+    Cancelling an awaiting task cancels the kernel request and raises
+    :class:`asyncio.CancelledError` at once; memory stays pinned until the request's final CQE,
+    and what the request did is handed on (see the module documentation and docs/asyncio.md).
+    Close with ``await aring.aclose()`` or ``async with``; :meth:`close` does the same
+    synchronously.
+    """
+
+    __slots__ = ("__weakref__", "_closer", "_fd", "_futures", "_idle", "_inline", "_kept", "_loop",
+                 "_nowait_buf", "_orphans", "_ring", "_scheduled")
+
+    def __init__(self, entries: int = 256, *, submit: str = "inline", **options: Any) -> None:
+        if submit not in ("inline", "deferred"):
+            raise ValueError(f"submit must be 'inline' or 'deferred', got {submit!r}")
+        loop = _get_running_loop()
+        if loop is None:
+            raise WrongLoopError("AsyncRing() needs a running event loop: create it in a "
+                                 "coroutine (or use saferring.aio.get_ring())")
+        self._loop = loop
+        self._inline = submit == "inline"
+        self._futures: dict[int, asyncio.Future[None]] = {}
+        self._orphans: dict[int, tuple[_Salvage | None, tuple[Any, ...]]] = {}
+        self._kept: dict[int, _Kept] = {}
+        self._scheduled = False
+        self._idle: asyncio.Future[None] | None = None  # aclose() waits on it for the drain
+        self._closer: Any = None  # get_ring()'s hook that closes the ring with its loop
+        self._nowait_buf: Any = None  # the file layer's scratch buffer (aio._files._scratch)
+        for flag in ("coop_taskrun", "defer_taskrun"):
+            if options.get(flag):
+                raise ValueError(
+                    f"AsyncRing does not take {flag}=True: the loop learns of completions by "
+                    "polling the ring's descriptor, which needs the kernel to post them as they "
+                    "happen (task work that interrupts the loop's wait)")
+        ring = Ring(entries, **options)
+        self._ring = ring
+        self._fd = ring.fd
+        ring._driver = weakref.ref(self)
+        try:
+            loop.add_reader(self._fd, self._poll)
+        except BaseException:
+            ring._driver = None
+            ring.close()
+            raise
+
+    # -- driving the ring ----------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        """Submit what is queued, collect what completed, wake the tasks that awaited it."""
+        ready = self._ring._collect()
+        if ready:
+            self._dispatch(ready)
+
+    def _dispatch(self, ready: list[Operation[Any]]) -> None:
+        # The ready list is emptied only after every entry was handled: an exception in the
+        # middle (a KeyboardInterrupt) leaves it for the next poll, and handling an entry twice
+        # does nothing (its future or orphan entry was popped the first time).
+        futures = self._futures
+        orphans = self._orphans
+        for op in ready:
+            fut = futures.pop(op._ud, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            if orphans and op._res is not None:
+                entry = orphans.pop(op._ud, None)
+                if entry is not None and entry[0] is not None:
+                    entry[0](self, op, *entry[1])
+        ready.clear()
+        self._ring._ready_gen += 1
+        if self._idle is not None and not self._ring._registry and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._ring.closed:
+            self._poll()
+
+    def _schedule(self) -> None:
+        """Submit at the end of this loop iteration (once, however many operations were queued)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _check_loop(self) -> None:
+        if _get_running_loop() is not self._loop:
+            raise WrongLoopError("this AsyncRing belongs to another event loop (or none is "
+                                 "running): create one AsyncRing per loop")
+
+    async def _complete(self, op: Operation[Any], salvage: _Salvage | None = None,
+                        *args: Any) -> Any:
+        """Submit ``op`` (unless it is already done), wait for its final CQE, return its result."""
+        if self._inline:
+            self._poll()
+        else:
+            self._schedule()
+        if op._res is None:
+            await self._until_done(op, salvage, args)
+        return op.result()
+
+    async def _until_done(self, op: Operation[Any], salvage: _Salvage | None,
+                          args: tuple[Any, ...], cancel: bool = True) -> None:
+        """Suspend until ``op``'s final CQE (the slow path: it did not complete at submission).
+
+        If the task is cancelled meanwhile, ``salvage(self, op, *args)`` runs once the operation
+        has ended (at once if it already has); ``cancel=False`` lets the request run to its end
+        instead of asking the kernel to cancel it."""
+        futures = self._futures
+        while op._res is None:
+            fut = self._loop.create_future()
+            futures[op._ud] = fut
+            try:
+                await fut
+            except CancelledError:
+                self._abandon(op, salvage, args, cancel)
+                raise
+
+    def _submit_soon(self) -> None:
+        """Hand what is queued to the kernel: now (inline) or at the end of this iteration."""
+        if self._inline:
+            self._poll()
+        else:
+            self._schedule()
+
+    def _abandon(self, op: Operation[Any], salvage: _Salvage | None, args: tuple[Any, ...],
+                 cancel: bool = True) -> None:
+        """The awaiting task was cancelled: cancel the kernel request (its pins stay until its
+        final CQE) and hand on what it did once it ends."""
+        self._futures.pop(op._ud, None)
+        if op._res is not None:  # it finished before the task could resume
+            if salvage is not None:
+                salvage(self, op, *args)
+            return
+        self._orphans[op._ud] = (salvage, args)
+        if cancel and not op.cancel_requested:
+            try:
+                op.cancel()
+            except SaferRingError:
+                pass  # the ring is closing (its drain cancels it) or a chain is open
+
+    def _ring_closed(self) -> None:
+        """Called by ``Ring.close()``: every operation has ended; wake whoever awaited one."""
+        futures, self._futures = self._futures, {}
+        for fut in futures.values():
+            if not fut.done():
+                try:
+                    fut.set_result(None)
+                except RuntimeError:
+                    pass  # the loop is closed: nobody can be waiting any more
+        self._orphans.clear()
+        kept, self._kept = self._kept, {}
+        for entry in kept.values():
+            for item in entry.items:
+                _discard(item)
+
+    # -- kept results of cancelled operations --------------------------------------------------
+
+    def _keep(self, fd: int, item: Any, front: bool = False) -> None:
+        entry = self._kept.get(fd)
+        try:
+            ident = _ident(fd)
+        except OSError:
+            _discard(item)  # the descriptor is gone: nobody can receive this any more
+            return
+        if entry is None or entry.ident != ident:
+            if entry is not None:
+                self._drop_kept(fd)
+            entry = self._kept[fd] = _Kept(ident)
+        if front:
+            entry.items.appendleft(item)
+        else:
+            entry.items.append(item)
+
+    def _take_kept(self, fd: int, conn: bool) -> Any:
+        """The oldest item kept for ``fd`` (a connection if ``conn``, else data), or None."""
+        entry = self._kept.get(fd)
+        if entry is None:
+            return None
+        try:
+            same = _ident(fd) == entry.ident
+        except OSError:
+            same = False
+        if not same:
+            self._drop_kept(fd)
+            return None
+        item = entry.items[0]
+        if (type(item) is tuple) is not conn:
+            return None
+        entry.items.popleft()
+        if not entry.items:
+            del self._kept[fd]
+        return item
+
+    def _drop_kept(self, fd: int) -> None:
+        entry = self._kept.pop(fd, None)
+        if entry is not None:
+            for item in entry.items:
+                _discard(item)
+
+    def _deliver(self, fd: int, buffer: Any) -> int | None:
+        """Copy data a cancelled receive left for ``fd`` into ``buffer``; None if there is none."""
+        item = self._take_kept(fd, conn=False)
+        if item is None:
+            return None
+        data = item.tobytes() if type(item) is Buffer else item
+        if type(item) is Buffer:
+            _discard(item)
+        target = buffer.view() if type(buffer) is Buffer else memoryview(buffer).cast("B")
+        with target:
+            n = min(len(target), len(data))
+            target[:n] = data[:n]
+        if type(buffer) is Buffer:
+            buffer.mark_filled(n)
+        if n < len(data):
+            self._keep(fd, data[n:], front=True)
+        return n
+
+    # -- public: life cycle --------------------------------------------------------------------
+
+    @property
+    def ring(self) -> Ring:
+        """The underlying :class:`~saferring.Ring`, for what has no coroutine here (chains,
+        registered files, :class:`~saferring.BufferPool`, :class:`~saferring.BufferRing`).
+        Its ``wait()``/``run()`` refuse: the loop collects its completions."""
+        return self._ring
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this ring belongs to."""
+        return self._loop
+
+    @property
+    def closed(self) -> bool:
+        """True once the ring is closed."""
+        return self._ring.closed
+
+    def stats(self) -> RingStats:
+        """The ring's counters (in-flight operations, pinned bytes, SQEs, CQEs)."""
+        return self._ring.stats()
+
+    def in_flight(self) -> int:
+        """Operations whose final CQE has not arrived (awaited, cancelled or multishot)."""
+        return len(self._ring._registry)
+
+    def _stop_watching(self) -> None:
+        try:
+            self._loop.remove_reader(self._fd)
+        except (RuntimeError, ValueError, OSError):
+            pass  # the loop is closed already: it watches nothing any more
+
+    def close(self) -> None:
+        """Cancel everything in flight, wait (blocking the loop) until the kernel has let go of
+        every buffer, and close the ring.  Tasks awaiting an operation then get its outcome,
+        usually :class:`~saferring.OperationCancelledError`.  Idempotent."""
+        if self._ring.closed:
+            return
+        self._stop_watching()
+        self._ring.close()
+
+    async def aclose(self) -> None:
+        """Like :meth:`close`, but waits for the cancelled operations without blocking the loop."""
+        ring = self._ring
+        if ring.closed:
+            return
+        self._check_loop()
+        for op in list(ring._registry.values()):
+            if op._res is None and not op.cancel_requested:
+                try:
+                    op.cancel()
+                except SaferRingError:
+                    break  # a chain is open: close() deals with it
+        # Wait for the cancelled operations' final CQEs through the loop; whatever still runs
+        # after a while (a zero-copy send the peer never reads) is left to close(), which
+        # blocks until the kernel lets go.
+        self._poll()
+        if ring._registry:
+            self._idle = self._loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._idle), 5.0)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._idle = None
+        self.close()
+
+    async def __aenter__(self) -> AsyncRing:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"in_flight={self.in_flight()}"
+        return f"<AsyncRing fd={self._fd} {state}>"
+
+    # -- public: awaiting operations -----------------------------------------------------------
+
+    async def run(self, op: Operation[Any]) -> Any:
+        """Await an operation queued on :attr:`ring` (``aring.ring.xxx(...)``) and return its
+        result.  Cancelling the task cancels the operation."""
+        if op._ring is not self._ring:
+            raise OperationStateError("the operation belongs to another ring")
+        self._check_loop()
+        if isinstance(op, MultishotOperation):
+            raise OperationStateError("a multishot operation has many values: iterate over "
+                                      "aring.multishot(op) instead")
+        return await self._complete(op, _SALVAGE.get(type(op)))
+
+    def multishot(self, op: MultishotOperation[V]) -> AsyncMultishot[V]:
+        """An async iterator over the values of a multishot operation queued on :attr:`ring`."""
+        if op._ring is not self._ring:
+            raise OperationStateError("the operation belongs to another ring")
+        self._check_loop()
+        self._schedule()
+        return AsyncMultishot(self, op)
+
+    # The hot operations, written out: each avoids the generic wrapper's extra call.
+
+    async def read(self, fd: Any, buffer: Any, offset: int = -1) -> Any:
+        """Read into ``buffer`` (see :meth:`Ring.read <saferring.Ring.read>`); the result is the
+        byte count (a :class:`~saferring.Buffer`, or None at end of stream, when ``buffer`` is a
+        :class:`~saferring.BufferRing`).  At ``offset=-1`` data a cancelled read took from the
+        stream is returned first."""
+        if _get_running_loop() is not self._loop:
+            self._check_loop()
+        if self._kept and offset == -1 and type(fd) is int:
+            n = self._deliver_or_buffer(fd, buffer)
+            if n is not None:
+                return n
+        op = self._ring.read(fd, buffer, offset)
+        if self._inline:
+            self._poll()
+        else:
+            self._schedule()
+        if op._res is None:
+            await self._until_done(op, _salvage_stream if offset == -1 else None, (fd, buffer))
+        return op.result()
+
+    async def recv(self, fd: Any, buffer: Any, flags: int = 0) -> Any:
+        """Receive into ``buffer`` (see :meth:`Ring.recv <saferring.Ring.recv>`); data a
+        cancelled receive on ``fd`` already took is returned first."""
+        if _get_running_loop() is not self._loop:
+            self._check_loop()
+        if self._kept and type(fd) is int:
+            n = self._deliver_or_buffer(fd, buffer)
+            if n is not None:
+                return n
+        op = self._ring.recv(fd, buffer, flags)
+        if self._inline:
+            self._poll()
+        else:
+            self._schedule()
+        if op._res is None:
+            await self._until_done(op, _salvage_stream, (fd, buffer))
+        return op.result()
+
+    def _deliver_or_buffer(self, fd: int, buffer: Any) -> Any:
+        from ..buffers import BufferRing
+
+        if type(buffer) is BufferRing:
+            item = self._take_kept(fd, conn=False)
+            if item is None or type(item) is Buffer:
+                return item
+            self._keep(fd, item, front=True)
+            raise OperationStateError(
+                "data a cancelled receive into your own buffer took is waiting for this "
+                "descriptor: receive it into a buffer of yours (not a BufferRing) first")
+        return self._deliver(fd, buffer)
+
+    async def write(self, fd: Any, data: Any, offset: int = -1) -> int:
+        """Write ``data`` (see :meth:`Ring.write <saferring.Ring.write>`); the byte count."""
+        if _get_running_loop() is not self._loop:
+            self._check_loop()
+        op = self._ring.write(fd, data, offset)
+        if self._inline:
+            self._poll()
+        else:
+            self._schedule()
+        if op._res is None:
+            await self._until_done(op, None, ())
+        return op.result()
+
+    async def send(self, fd: Any, data: Any, flags: int = 0) -> int:
+        """Send ``data`` (see :meth:`Ring.send <saferring.Ring.send>`); the byte count."""
+        if _get_running_loop() is not self._loop:
+            self._check_loop()
+        op = self._ring.send(fd, data, flags)
+        if self._inline:
+            self._poll()
+        else:
+            self._schedule()
+        if op._res is None:
+            await self._until_done(op, None, ())
+        return op.result()
+
+    async def accept(self, fd: Any, *, multishot: bool = False, **kwargs: Any) -> Any:
+        """Accept a connection on listening socket ``fd``: ``(conn_fd, address)``, yours to
+        close.  A connection a cancelled accept took is returned first.  With
+        ``multishot=True``: an :class:`AsyncMultishot` of descriptors."""
+        self._check_loop()
+        if multishot:
+            return self.multishot(self._ring.accept(fd, multishot=True, **kwargs))
+        if self._kept and type(fd) is int:
+            conn = self._take_kept(fd, conn=True)
+            if conn is not None:
+                return conn
+        return await self._complete(self._ring.accept(fd, **kwargs), _salvage_accept, fd)
+
+    def accept_multishot(self, fd: Any, **kwargs: Any) -> AsyncMultishot[int]:
+        """Accept connection after connection (:meth:`Ring.accept_multishot
+        <saferring.Ring.accept_multishot>`): iterate with ``async for``."""
+        self._check_loop()
+        return self.multishot(self._ring.accept_multishot(fd, **kwargs))
+
+    def recv_multishot(self, fd: Any, buffers: Any, flags: int = 0,
+                       **kwargs: Any) -> AsyncMultishot[Buffer]:
+        """Receive chunk after chunk into a :class:`~saferring.BufferRing`
+        (:meth:`Ring.recv_multishot <saferring.Ring.recv_multishot>`): iterate with
+        ``async for``; each value is a :class:`~saferring.Buffer` to release."""
+        self._check_loop()
+        return self.multishot(self._ring.recv_multishot(fd, buffers, flags, **kwargs))
+
+    def read_multishot(self, fd: Any, buffers: Any, **kwargs: Any) -> AsyncMultishot[Buffer]:
+        """Like :meth:`recv_multishot`, for ``read`` (pipes, character devices...)."""
+        self._check_loop()
+        return self.multishot(self._ring.read_multishot(fd, buffers, **kwargs))
+
+    async def openat(self, path: Any, flags: int = os.O_RDONLY, mode: int = 0o644,
+                     **kwargs: Any) -> int:
+        """Open ``path`` (see :meth:`Ring.openat <saferring.Ring.openat>`); the new descriptor.
+        If the task is cancelled and the open still succeeds, the descriptor is closed."""
+        self._check_loop()
+        return await self._complete(  # type: ignore[no-any-return]
+            self._ring.openat(path, flags, mode, **kwargs), _salvage_fd)
+
+    async def socket(self, *args: Any, **kwargs: Any) -> int:
+        """Create a socket (see :meth:`Ring.socket <saferring.Ring.socket>`); the descriptor."""
+        self._check_loop()
+        return await self._complete(  # type: ignore[no-any-return]
+            self._ring.socket(*args, **kwargs), _salvage_fd)
+
+    async def connect(self, fd: Any, address: Any) -> int:
+        """Connect socket ``fd`` to ``address``."""
+        self._check_loop()
+        return await self._complete(self._ring.connect(fd, address))  # type: ignore[no-any-return]
+
+    async def close_fd(self, fd: Any) -> int:
+        """Close ``fd`` through the ring.  Data or connections that cancelled operations left
+        for it are dropped (connections closed)."""
+        self._check_loop()
+        if self._kept and type(fd) is int:
+            self._drop_kept(fd)
+        return await self._complete(self._ring.close_fd(fd))  # type: ignore[no-any-return]
+
+    if TYPE_CHECKING:
+        # The rest of Ring's operations, installed below by _generic().
+        def __getattr__(self, name: str) -> Callable[..., Coroutine[Any, Any, Any]]: ...
+
+
+class AsyncMultishot(Generic[V]):
+    """The values of a multishot operation, as an async iterator (``async for v in it``).
+
+    Values are taken one at a time as the loop body asks for them: breaking out of the loop, or
+    cancelling the task while it waits, loses none (the next iteration, or :meth:`take`,
+    returns them).  Iteration ends when the operation ends: normally (``StopAsyncIteration``) or
+    with its error (the cancellation, after :meth:`cancel`, raises
+    :class:`~saferring.OperationCancelledError`).  :meth:`aclose` cancels it and waits for its
+    end; ``async with`` does that on exit.
+    """
+
+    __slots__ = ("_aring", "_op")
+
+    def __init__(self, aring: AsyncRing, op: MultishotOperation[V]) -> None:
+        self._aring = aring
+        self._op = op
+
+    @property
+    def operation(self) -> MultishotOperation[V]:
+        """The underlying :class:`~saferring.MultishotOperation`."""
+        return self._op
+
+    def __aiter__(self) -> AsyncMultishot[V]:
+        return self
+
+    async def __anext__(self) -> V:
+        op = self._op
+        aring = self._aring
+        while True:
+            items = getattr(op, "_items", None)
+            if items:
+                value = op._convert(items[0])
+                items.popleft()
+                if value is not None or not op._wants_flags:  # (a chunk that held no data)
+                    return value
+                continue
+            if op._res is not None:
+                if op._state is not COMPLETED:
+                    op.result()  # raises the error (or the cancellation)
+                raise StopAsyncIteration
+            aring._check_loop()
+            fut = aring._loop.create_future()
+            aring._futures[op._ud] = fut
+            try:
+                await fut
+            except CancelledError:
+                aring._futures.pop(op._ud, None)  # the values stay with the operation
+                raise
+
+    def take(self) -> list[V]:
+        """The values that arrived and were not yet iterated over (oldest first)."""
+        return self._op.take()
+
+    def cancel(self) -> None:
+        """Ask the kernel to stop the operation; iteration then ends with its cancellation."""
+        if self._op._res is None and not self._op.cancel_requested:
+            self._op.cancel()
+
+    async def aclose(self) -> None:
+        """Cancel the operation (if it still runs) and wait for its end; values not taken stay
+        available through :meth:`take`."""
+        op = self._op
+        if op._res is None and not op._ring.closed:
+            self.cancel()
+            aring = self._aring
+            aring._check_loop()
+            while op._res is None:
+                fut = aring._loop.create_future()
+                aring._futures[op._ud] = fut
+                try:
+                    await fut
+                except CancelledError:
+                    aring._futures.pop(op._ud, None)
+                    raise
+
+    async def __aenter__(self) -> AsyncMultishot[V]:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+# -- what a cancelled operation hands on ---------------------------------------------------------
+
+
+def _salvage_stream(aring: AsyncRing, op: Operation[Any], fd: Any, buffer: Any) -> None:
+    """A receive (or a read at the file position) whose task was cancelled: data it took from
+    the stream goes to the next receive of that descriptor."""
+    if op._state is not COMPLETED or type(fd) is not int:
+        return
+    value = op.result()
+    if type(value) is Buffer:  # picked from a BufferRing
+        aring._keep(fd, value)
+        return
+    if value is None or value <= 0:
+        return
+    if type(buffer) is Buffer:
+        data = buffer.tobytes()
+    else:
+        with memoryview(buffer) as view, view.cast("B") as flat:
+            data = flat[:value].tobytes()
+    aring._keep(fd, data)
+
+
+def _salvage_accept(aring: AsyncRing, op: Operation[Any], fd: Any) -> None:
+    """An accept whose task was cancelled: the connection goes to the next accept."""
+    if op._state is not COMPLETED:
+        return
+    conn = op.result()
+    if type(fd) is int:
+        aring._keep(fd, conn)
+    else:
+        _discard(conn)
+
+
+def _salvage_fd(aring: AsyncRing, op: Operation[Any]) -> None:
+    """An open or socket whose task was cancelled: the new descriptor is closed."""
+    if op._state is COMPLETED:
+        try:
+            os.close(op.result())
+        except OSError:
+            pass
+
+
+_SALVAGE: dict[type[Any], _Salvage] = {AcceptOperation: _salvage_accept}
+for _cls in FdOperation.__subclasses__():
+    _SALVAGE[_cls] = _salvage_fd
+_SALVAGE[FdOperation] = _salvage_fd
+
+
+def _generic(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    method = getattr(Ring, name)
+
+    async def call(self: AsyncRing, *args: Any, **kwargs: Any) -> Any:
+        if _get_running_loop() is not self._loop:
+            self._check_loop()
+        op = method(self._ring, *args, **kwargs)
+        if isinstance(op, MultishotOperation):
+            self._schedule()
+            return AsyncMultishot(self, op)
+        return await self._complete(op, _SALVAGE.get(type(op)))
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = (f"Await :meth:`Ring.{name} <saferring.Ring.{name}>` and return its result "
+                    "(an :class:`AsyncMultishot` for a multishot operation).")
+    return call
+
+
+for _name in _GENERIC:
+    setattr(AsyncRing, _name, _generic(_name))
+
+__all__ = ["AsyncMultishot", "AsyncRing"]
