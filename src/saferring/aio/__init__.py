@@ -4,6 +4,8 @@
   that frees nothing the kernel may use and loses nothing the kernel did;
 * :func:`open`: async files with the API of aiofiles; :func:`copyfile`, :func:`stat`,
   :func:`remove`, :func:`rename`, :func:`mkdir`, ... as coroutines;
+* :func:`create_server`, :func:`create_connection` (protocols and transports) and
+  :func:`start_server`, :func:`open_connection` (asyncio streams) over TCP on io_uring;
 * :func:`get_ring`: the ring shared by everything on the running loop, closed with the loop.
 
 See docs/asyncio.md.
@@ -19,6 +21,14 @@ from typing import Any
 from ..errors import WrongLoopError
 from ..operation import StatxResult
 from ._files import AsyncFile, AsyncTextFile, open
+from ._net import (
+    RingTransport,
+    Server,
+    create_connection,
+    create_server,
+    open_connection,
+    start_server,
+)
 from ._ring import AsyncMultishot, AsyncRing
 
 # One shared ring per running loop.  Keyed by id(loop) and checked by identity (a WeakKeyDictionary
@@ -173,13 +183,19 @@ __all__ = [
     "AsyncMultishot",
     "AsyncRing",
     "AsyncTextFile",
+    "RingTransport",
+    "Server",
     "copyfile",
+    "create_connection",
+    "create_server",
     "get_ring",
     "mkdir",
     "open",
+    "open_connection",
     "remove",
     "rename",
     "rmdir",
+    "start_server",
     "stat",
     "unlink",
 ]

@@ -128,8 +128,9 @@ class AsyncRing:
     synchronously.
     """
 
-    __slots__ = ("__weakref__", "_closer", "_fd", "_futures", "_idle", "_inline", "_kept", "_loop",
-                 "_nowait_buf", "_orphans", "_ring", "_scheduled")
+    __slots__ = ("__weakref__", "_closer", "_dispatching", "_fd", "_futures", "_idle", "_inline",
+                 "_kept", "_loop", "_nowait_buf", "_orphans", "_ring", "_scheduled",
+                 "_transport_buffers", "_watchers")
 
     def __init__(self, entries: int = 256, *, submit: str = "inline", **options: Any) -> None:
         if submit not in ("inline", "deferred"):
@@ -147,6 +148,9 @@ class AsyncRing:
         self._idle: asyncio.Future[None] | None = None  # aclose() waits on it for the drain
         self._closer: Any = None  # get_ring()'s hook that closes the ring with its loop
         self._nowait_buf: Any = None  # the file layer's scratch buffer (aio._files._scratch)
+        self._transport_buffers: Any = None  # the BufferRing transports receive into (aio._net)
+        self._watchers: dict[int, tuple[Operation[Any], Callable[[Operation[Any]], None]]] = {}
+        self._dispatching = False
         for flag in ("coop_taskrun", "defer_taskrun"):
             if options.get(flag):
                 raise ValueError(
@@ -169,27 +173,55 @@ class AsyncRing:
     def _poll(self) -> None:
         """Submit what is queued, collect what completed, wake the tasks that awaited it."""
         ready = self._ring._collect()
-        if ready:
+        if ready and not self._dispatching:
             self._dispatch(ready)
+        # (During a dispatch, what was collected joins the list being dispatched: the loop
+        # there goes on to the entries appended behind it.)
 
     def _dispatch(self, ready: list[Operation[Any]]) -> None:
         # The ready list is emptied only after every entry was handled: an exception in the
         # middle (a KeyboardInterrupt) leaves it for the next poll, and handling an entry twice
-        # does nothing (its future or orphan entry was popped the first time).
+        # does nothing (its future or orphan entry was popped the first time; a watcher sees
+        # no new values).  Watchers run protocol code, which may queue and submit more
+        # operations: their completions are appended to this same list and handled here.
         futures = self._futures
         orphans = self._orphans
-        for op in ready:
-            fut = futures.pop(op._ud, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-            if orphans and op._res is not None:
-                entry = orphans.pop(op._ud, None)
-                if entry is not None and entry[0] is not None:
-                    entry[0](self, op, *entry[1])
-        ready.clear()
+        watchers = self._watchers
+        self._dispatching = True
+        try:
+            for op in ready:
+                fut = futures.pop(op._ud, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(None)
+                elif watchers:
+                    watch = watchers.get(op._ud)
+                    if watch is not None:
+                        if op._res is not None:
+                            del watchers[op._ud]
+                        watch[1](op)
+                if orphans and op._res is not None:
+                    orphan = orphans.pop(op._ud, None)
+                    if orphan is not None and orphan[0] is not None:
+                        orphan[0](self, op, *orphan[1])
+            ready.clear()
+        finally:
+            self._dispatching = False
         self._ring._ready_gen += 1
         if self._idle is not None and not self._ring._registry and not self._idle.done():
             self._idle.set_result(None)
+
+    def _watch(self, op: Operation[Any], callback: Callable[[Operation[Any]], None]) -> None:
+        """Call ``callback(op)`` from the completion path each time ``op`` produced values, and
+        once more at its end (the transports' way: no task per connection)."""
+        self._watchers[op._ud] = (op, callback)
+        self._schedule()
+
+    def _report(self, exc: BaseException, message: str) -> None:
+        try:
+            self._loop.call_exception_handler({"message": message, "exception": exc})
+        except Exception:  # noqa: BLE001 - the loop is closed: nowhere to report
+            pass
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -268,6 +300,12 @@ class AsyncRing:
                 except RuntimeError:
                     pass  # the loop is closed: nobody can be waiting any more
         self._orphans.clear()
+        watchers, self._watchers = self._watchers, {}
+        for op, watch in watchers.values():
+            try:
+                watch(op)  # the drain ended it: the watcher sees its end
+            except Exception as exc:  # noqa: BLE001 - reported, the others still run
+                self._report(exc, "a completion callback failed while the ring closed")
         kept, self._kept = self._kept, {}
         for entry in kept.values():
             for item in entry.items:
