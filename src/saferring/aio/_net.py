@@ -43,7 +43,6 @@ from ..errors import SaferRingError
 from ..operation import Operation
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from ._ring import AsyncRing
 
