@@ -693,7 +693,7 @@ async def create_server(protocol_factory: Callable[[], asyncio.BaseProtocol],
                     s.bind(address)
                 except OSError as err:
                     raise OSError(err.errno, f"error while attempting to bind on address "
-                                  f"{address!r}: {(err.strerror or "").lower()}") from None
+                                  f"{address!r}: {(err.strerror or '').lower()}") from None
         except BaseException:
             for s in sockets:
                 s.close()
