@@ -5,9 +5,12 @@
 
 For every benchmark group it prints, per contender and per JSON file (one column block per run),
 the median time of one round, the median time per operation (round / ``ops_per_round``, which the
-benchmarks record in ``extra_info``), and the throughput ratio to the group's saferring contender
-(the test whose name contains "saferring"): ``median(saferring) / median(contender)``, so 2.00x
-means that contender completes twice as many operations per second as saferring does.
+benchmarks record in ``extra_info``), and the throughput ratio to the group's reference contender
+(the one whose benchmark set ``extra_info["reference"]``, marked "(ref)"; failing that, the first
+test whose name contains "saferring"): ``median(ref) / median(contender)``, so 2.00x means that
+contender completes twice as many operations per second as the reference does.  The reference is
+saferring's batch API in the synchronous groups and a plain synchronous ``os.pread``/``os.preadv``
+loop in the asyncio groups (``aio-*``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ def _fmt_time(seconds: float) -> str:
             value = seconds / scale
             return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
     return f"{seconds * 1e9:.0f} ns"
+
+
+def _fmt_ratio(ratio: float) -> str:
+    """2.00x, 0.15x; below 0.1 with two significant digits (0.012x), so a slow contender's
+    ratio does not print as 0.00x."""
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
 
 
 def load(path: str) -> dict[str, dict[str, tuple[float, int]]]:
@@ -74,12 +83,12 @@ def report(paths: list[str], markdown: bool) -> str:
         for run in runs:
             contenders += [c for c in run.get(group, {}) if c not in contenders]
         ref = _reference(dict.fromkeys(contenders))
-        # saferring first, then the others fastest first (by the first run that has them)
+        # the reference first, then the others fastest first (by the first run that has them)
         contenders.sort(key=lambda n, g=group: (n != ref, _first_median(runs, g, n)))
         header = ["contender"]
         for i in range(len(runs)):
             tag = f"run{i + 1} " if len(runs) > 1 else ""
-            header += [f"{tag}median/round", f"{tag}per op", f"{tag}ops/s", f"{tag}vs {REFERENCE}"]
+            header += [f"{tag}median/round", f"{tag}per op", f"{tag}ops/s", f"{tag}vs ref"]
         rows = []
         for name in contenders:
             row = [name]
@@ -90,7 +99,7 @@ def report(paths: list[str], markdown: bool) -> str:
                     continue
                 median, ops = got
                 base = run.get(group, {}).get(ref) if ref else None
-                ratio = f"{base[0] / median:.2f}x" if base else "n/a"
+                ratio = _fmt_ratio(base[0] / median) if base else "n/a"
                 row += [_fmt_time(median), _fmt_time(median / ops), f"{ops / median:,.0f}", ratio]
             rows.append(row)
         title = f"{group}" + ("" if ref else f"  (no contender named *{REFERENCE}*: no ratios)")

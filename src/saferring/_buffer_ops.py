@@ -37,6 +37,7 @@ from .operation import (
     BufferIoOperation,
     BufferSendZcOperation,
     CancelRequest,
+    CopiedRecvOperation,
     SelectedBufferOperation,
     SelectedBuffersOperation,
     TimeoutRepeatOperation,
@@ -581,6 +582,14 @@ class BufferOps(OpsBase):
         multishot = not single_shot and kernel_can("RECV_MULTISHOT")
         return self._select(SelectedBuffersOperation, "recv", OP["RECV"], fd, buffers, 0,  # type: ignore[no-any-return]
                             _select_flags(flags), multishot, single=not multishot)
+
+    @_exclusive
+    def _recv_copied(self, fd: Any, buffers: BufferRing) -> CopiedRecvOperation:
+        """``recv_multishot`` whose values are ``bytes`` copied out as they arrive (the buffer
+        goes straight back to the kernel): the asyncio transports' receive."""
+        multishot = kernel_can("RECV_MULTISHOT")
+        return self._select(CopiedRecvOperation, "recv", OP["RECV"], fd, buffers, 0,  # type: ignore[no-any-return]
+                            0, multishot, single=not multishot)
 
     @_exclusive
     def read_multishot(self, fd: Any, buffers: BufferRing, *,

@@ -583,6 +583,33 @@ class BufferRing(_Owner):
         size = self._slab.size
         return Buffer._make(self._slab, bid, self, FILLED, res if res <= size else size)
 
+    def _copy_out(self, res: int, flags: int) -> bytes | None:
+        """The bytes a CQE brought, copied out, and its buffer handed straight back to the
+        kernel: for consumers that copy every chunk anyway (the asyncio transports), no
+        :class:`Buffer` is made.  None if the CQE carried no data.  Safe inside the completion
+        path: a kernel buffer ring entry is published with a memory write (no SQE); in provide
+        mode the buffer waits for the ring's next call (_give_back_later)."""
+        if not flags & _F_BUFFER:
+            return None
+        bid = flags >> _BUFFER_SHIFT
+        if bid >= self._slab.count:
+            return None
+        if self.incremental:  # pieces share buffers: keep the general path
+            buf = self._take(res, flags)
+            if buf is None:
+                return None
+            whole = buf.tobytes()
+            buf._abandon()
+            return whole
+        data = self._slab.maps[bid][:res] if res > 0 else None
+        if self.mode == "ring" and not self._starved and not self._closed:
+            lib.sr_buf_ring_provide_one(self._ring_addr, self._entries - 1,
+                                        self._slab.addrs[bid], self._slab.size, bid)
+            self._gen += 1
+        else:
+            self._give_back_later(bid)
+        return data
+
     def _take_piece(self, bid: int, res: int, flags: int) -> Buffer | None:
         # The kernel writes each chunk right after the previous one in the same buffer, and
         # says with F_BUF_MORE that it will go on; without it, it has moved to the next buffer.

@@ -849,6 +849,32 @@ class SelectedBuffersOperation(MultishotOperation["Buffer"]):
                 pass
 
 
+class CopiedRecvOperation(SelectedBuffersOperation):
+    """A multishot receive whose chunks are copied out as they are reaped: each value is
+    ``bytes`` and its buffer goes back to the kernel at once (the asyncio transports' receive;
+    ``BufferRing._copy_out``)."""
+
+    __slots__ = ()
+
+    def _arrived(self) -> None:
+        items = self._items
+        if items and type(items[-1]) is tuple:
+            items[-1] = self._bufring._copy_out(*items[-1])
+
+    def _convert(self, item: Any) -> Any:
+        if type(item) is tuple:  # not converted on arrival (a signal interrupted)
+            return self._bufring._copy_out(*item)
+        return item
+
+    def __del__(self) -> None:
+        for item in getattr(self, "_items", ()):
+            if type(item) is tuple:  # a buffer id never copied out: give it back
+                try:
+                    self._bufring._copy_out(*item)
+                except Exception:  # noqa: BLE001 - a finaliser must not raise
+                    pass
+
+
 class SelectedBufferOperation(SelectedBuffersOperation):
     """One ``recv``/``read`` into a buffer the kernel picks from a
     :class:`~saferring.BufferRing`: the result is that ``FILLED`` :class:`~saferring.Buffer`,

@@ -76,9 +76,11 @@ from .operation import (
     CancelRequest,
     CloseOperation,
     FsyncOperation,
+    IntOperation,
     NopOperation,
     OpenOperation,
     Operation,
+    PathOperation,
     ReadOperation,
     ReadvOperation,
     ReceivedMessage,
@@ -106,6 +108,7 @@ _OP_READ, _OP_WRITE = OP["READ"], OP["WRITE"]
 _OP_READV, _OP_WRITEV = OP["READV"], OP["WRITEV"]
 _OP_FSYNC, _OP_OPENAT, _OP_CLOSE = OP["FSYNC"], OP["OPENAT"], OP["CLOSE"]
 _OP_STATX, _OP_TIMEOUT, _OP_CANCEL = OP["STATX"], OP["TIMEOUT"], OP["ASYNC_CANCEL"]
+_OP_SEND = OP["SEND"]
 
 # Every ring alive in this process: the fork hook and the exit hook visit them.
 _live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
@@ -739,6 +742,43 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         finally:
             self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
 
+    def send(self, fd: Any, data: Any, flags: int = 0) -> IntOperation:
+        """Queue a ``send`` of ``data`` (``MSG_*`` flags); the result is the bytes sent.
+
+        ``data`` may be a :class:`~saferring.Buffer` (its filled bytes), ``IN_FLIGHT`` until
+        the send ends."""
+        if type(data) is not bytes or type(fd) is not int or flags:
+            return NetOps.send(self, fd, data, flags)
+        # The hot case written out, like read() and write(): bytes to a plain descriptor, which
+        # is what the asyncio transports send for every write().
+        if _get_ident() != self._owner:
+            self._refuse()
+        self._owner = _BUSY
+        try:
+            if not self._sup[_OP_SEND]:
+                self._unsupported(_OP_SEND)
+            if not _MIN_FD <= fd <= _MAX_FD:
+                raise ValueError(f"fd must fit a 32-bit int, got {fd}")
+            pin = _from_buffer(data)
+            n = len(pin)
+            if n > _MAX_LEN:
+                _pinning.check_len(n)
+            ud = self._next_ud
+            self._next_ud = ud + 1
+            op = _new_op(PathOperation, self, pin, ud)
+            op._label = "send"
+            op._path = op._path2 = None
+            self._registry[ud] = op
+            try:
+                rc = lib.sr_prep(self._c, ud, _OP_SEND, fd, pin, n, 0, 0, 0)
+                if rc < 0:
+                    self._prep_retry(ud, rc, lib.sr_prep, self._c, ud, _OP_SEND, fd, pin, n, 0, 0, 0)
+            except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+                raise self._unregister_if_unprepared(ud, exc) from None
+            return op
+        finally:
+            self._owner = (self._owner_ident, _NO_OWNER)[self._forked]  # no jump: see close()
+
     # -- batches -----------------------------------------------------------------------------
 
     def _batch(self, count: int, kind: str, pins: Any, prep: Any, *args: Any) -> BatchOperation:
@@ -1358,11 +1398,11 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
 # The code objects of every function that marks a ring busy: the _exclusive wrapper (shared
 # by all decorated methods) and the methods that inline the same guard.
 _GUARDED_CODE = frozenset({
-    Ring.nop.__code__, Ring.read.__code__, Ring.write.__code__, Ring.close.__code__,
-    Ring.wait.__code__,
+    Ring.nop.__code__, Ring.read.__code__, Ring.write.__code__, Ring.send.__code__,
+    Ring.close.__code__, Ring.wait.__code__, Ring._collect.__code__,
     Ring.submit.__code__,  # the wrapper: every @_exclusive method shares this code object
 })
-assert Ring.nop_many.__code__ is Ring.submit.__code__ is Ring.send.__code__
+assert Ring.nop_many.__code__ is Ring.submit.__code__ is Ring.recv.__code__
 
 
 def _count(count: int) -> int:

@@ -114,6 +114,7 @@ class AsyncFile:
     async def _enter(self) -> None:
         """Wait for the calls before this one, and for a request a cancelled call left."""
         aring = self._aring
+        aring._check_loop()  # before any request is queued: the ring's futures are its loop's
         if self._busy:
             fut = aring._loop.create_future()
             self._waiters.append(fut)
@@ -130,7 +131,20 @@ class AsyncFile:
             while self._pending is not None:
                 op = self._pending
                 aring._check_loop()
-                await aring._until_done(op, None, (), cancel=False)
+                if op._res is not None:
+                    # It ended without its salvage (the ring was closed): nothing to apply,
+                    # and waiting again would return at once, forever.
+                    self._pending = None
+                    break
+                # Not _until_done(): if this task is cancelled, its _abandon() would replace
+                # the cancelled call's salvage (which applies the result and clears _pending).
+                fut = aring._loop.create_future()
+                aring._futures[op._ud] = fut
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    aring._futures.pop(op._ud, None)
+                    raise
         except BaseException:
             self._leave()
             raise
@@ -285,6 +299,8 @@ class AsyncFile:
         """Read one line (up to and including b"\\n"), at most ``size`` bytes if given."""
         self._check(True)
         limit = -1 if size is None else size
+        if limit == 0:
+            return b""  # (below, an end at offset 0 would read as "no line end yet": to EOF)
         await self._enter()
         try:
             if self._wbuf:
@@ -337,6 +353,7 @@ class AsyncFile:
             raise io.UnsupportedOperation("pread() needs a file with offsets")
         if size < 0 or offset < 0:
             raise ValueError("pread() needs size >= 0 and offset >= 0")
+        self._aring._check_loop()  # (as _enter: WrongLoopError, not a request left behind)
         if self._wbuf or self._pending is not None:
             await self.flush()
         if self._nowait and size <= _SCRATCH:
@@ -499,6 +516,12 @@ class AsyncFile:
         """Flush buffered writes, then close the descriptor (if the file owns it).  Idempotent."""
         if self._closed:
             return
+        pending = self._pending
+        if pending is not None and not self._busy and not self._seekable and \
+                pending._res is None and not pending.cancel_requested and not self._aring.closed:
+            # A read a cancelled call left on a pipe or socket may never end (a silent writer):
+            # cancel it rather than wait for it (what it did is still applied when it ends).
+            pending.cancel()
         await self._enter()
         try:
             try:
@@ -507,7 +530,10 @@ class AsyncFile:
                 self._closed = True
                 self._rbuf = b""
                 if self._closefd:
-                    await self._aring.close_fd(self._fd)
+                    if self._aring.closed:
+                        os.close(self._fd)  # the ring is gone: close_fd() would raise, leaking it
+                    else:
+                        await self._aring.close_fd(self._fd)
         finally:
             self._leave()
 
@@ -571,6 +597,8 @@ class AsyncTextFile:
         codecs.lookup(encoding)  # LookupError for an unknown encoding, as open() raises
         self._encoder = codecs.getincrementalencoder(encoding)(errors)
         self._reset_decoder()
+        if binary._seekable and binary._writable and binary._raw > 0:
+            self._encoder.setstate(0)  # as io.TextIOWrapper: no BOM written past the start (append)
 
     def _reset_decoder(self) -> None:
         decoder: Any = codecs.getincrementaldecoder(self.encoding)(self.errors)
@@ -737,7 +765,13 @@ class AsyncTextFile:
             raise io.UnsupportedOperation("can't do nonzero cur-relative or end-relative seeks")
         pos = await self.buffer.seek(offset, whence)
         self._reset_decoder()
-        self._encoder.reset()
+        # As io.TextIOWrapper: past the start, no BOM is written, and none is expected (utf-16
+        # and utf-32 decoders would otherwise raise "stream does not start with BOM").
+        if pos:
+            self._encoder.setstate(0)
+            self._decoder.setstate((b"", 0))
+        else:
+            self._encoder.reset()
         return pos
 
     async def truncate(self, size: int | None = None) -> int:

@@ -12,8 +12,9 @@ dispatched.
 
 * Receiving is one multishot ``recv`` (Linux 6.0; re-armed single-shot receives before) that
   picks buffers from a :class:`~saferring.BufferRing` shared by every transport on the ring.
-  Each chunk is copied out (``data_received`` gets ``bytes``; a ``BufferedProtocol`` gets it in
-  its own buffer) and the buffer goes straight back to the kernel.  ``pause_reading()`` cancels
+  Each chunk is copied out as it is reaped (``BufferRing._copy_out``: ``data_received`` gets
+  ``bytes``; a ``BufferedProtocol`` gets it in its own buffer) and the buffer goes straight back
+  to the kernel, so one slow protocol cannot hold the shared ring's buffers.  ``pause_reading()`` cancels
   the receive; chunks it had already taken are delivered after ``resume_reading()``, before the
   new receive's, so nothing is lost or reordered.
 * Sending: one ``send`` in flight per connection (two sends on one stream socket may complete
@@ -134,7 +135,7 @@ class RingTransport(asyncio.Transport):
     def _arm_recv(self) -> None:
         aring = self._aring
         try:
-            op = aring.ring.recv_multishot(self._fd, _buffers(aring))
+            op = aring.ring._recv_copied(self._fd, _buffers(aring))
         except (OSError, SaferRingError) as exc:
             self._fatal(exc, "could not start receiving")
             return
@@ -148,9 +149,7 @@ class RingTransport(asyncio.Transport):
             self._recv = None
         if chunks:
             if self._paused or self._held:
-                for buf in chunks:
-                    self._held.append(buf.tobytes())
-                    buf.release()
+                self._held.extend(chunks)
             else:
                 self._deliver(chunks)
         if not ended or self._lost:
@@ -165,24 +164,16 @@ class RingTransport(asyncio.Transport):
         elif self._paused is False and not self._closing:
             self._arm_recv()  # cancelled by pause_reading(), then resumed before it ended
 
-    def _deliver(self, chunks: list[Any]) -> None:
+    def _deliver(self, chunks: list[bytes]) -> None:
         protocol = self._protocol
         try:
             if self._buffered:
-                for buf in chunks:
-                    with buf:  # released (back to the kernel) when done
-                        self._feed(buf.view())
+                for data in chunks:
+                    self._feed(data)
             else:
-                for buf in chunks:
-                    data = buf.tobytes()
-                    buf.release()
+                for data in chunks:
                     protocol.data_received(data)  # type: ignore[attr-defined]
-        except BaseException as exc:
-            for buf in chunks:
-                try:
-                    buf.release()
-                except SaferRingError:
-                    pass
+        except BaseException as exc:  # noqa: BLE001 - a protocol's failure closes the connection
             self._fatal(exc, "data_received() failed")
             if not isinstance(exc, Exception):
                 raise

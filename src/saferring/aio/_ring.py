@@ -53,7 +53,12 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._state import COMPLETED
 from ..buffers import Buffer
-from ..errors import OperationStateError, SaferRingError, WrongLoopError
+from ..errors import (
+    OperationStateError,
+    SaferRingError,
+    UnsupportedOperationError,
+    WrongLoopError,
+)
 from ..operation import AcceptOperation, FdOperation, MultishotOperation, Operation
 from ..ring import Ring, RingStats
 
@@ -77,6 +82,24 @@ _GENERIC = (
     "symlinkat", "sync_file_range", "tee", "timeout", "timeout_remove", "timeout_update",
     "unlinkat", "waitid", "write_fixed", "write_many", "fsync", "nop", "readv", "writev",
 )
+
+
+def _new_ring(entries: int, options: dict[str, Any]) -> Ring:
+    """The ring an AsyncRing drives: with ``IORING_SETUP_COOP_TASKRUN`` unless told otherwise.
+
+    Without it the kernel interrupts the loop thread (an inter-processor interrupt) each time a
+    request completes from another context (a receive whose data arrived, say) to post its CQE
+    at once; with it, completions wait for the thread's next system call, which in an event
+    loop comes soon (the loop's epoll_wait or the next submission), and a thread asleep in
+    epoll_wait is still woken (the notification only skips the interrupt for a running
+    thread).  Measured on the echo benchmark: 1.3x the messages per second.  Kernels before
+    5.19 lack the flag and get the plain ring."""
+    if "coop_taskrun" in options:
+        return Ring(entries, **options)
+    try:
+        return Ring(entries, coop_taskrun=True, **options)
+    except UnsupportedOperationError:
+        return Ring(entries, **options)
 
 
 def _ident(fd: int) -> tuple[int, int]:
@@ -151,13 +174,12 @@ class AsyncRing:
         self._transport_buffers: Any = None  # the BufferRing transports receive into (aio._net)
         self._watchers: dict[int, tuple[Operation[Any], Callable[[Operation[Any]], None]]] = {}
         self._dispatching = False
-        for flag in ("coop_taskrun", "defer_taskrun"):
-            if options.get(flag):
-                raise ValueError(
-                    f"AsyncRing does not take {flag}=True: the loop learns of completions by "
-                    "polling the ring's descriptor, which needs the kernel to post them as they "
-                    "happen (task work that interrupts the loop's wait)")
-        ring = Ring(entries, **options)
+        if options.get("defer_taskrun"):
+            raise ValueError(
+                "AsyncRing does not take defer_taskrun=True: the loop learns of completions by "
+                "polling the ring's descriptor, and deferred task work only runs when the ring "
+                "is entered to wait, so a loop asleep in epoll would never see them")
+        ring = _new_ring(entries, options)
         self._ring = ring
         self._fd = ring.fd
         ring._driver = weakref.ref(self)
