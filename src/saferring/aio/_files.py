@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import fcntl
 import io
+import mmap
 import os
 import stat as _stat
 from collections import deque
@@ -52,6 +54,19 @@ if TYPE_CHECKING:
 _CHUNK = 64 * 1024  # read-ahead and write-behind size unless buffering= says otherwise
 _SCRATCH = 256 * 1024  # the largest read served through the per-ring non-blocking scratch buffer
 _NEG_EAGAIN = -11
+
+
+def _direct_buffer(size: int) -> mmap.mmap:
+    """Page-aligned memory for an O_DIRECT request of ``size`` bytes (whole pages)."""
+    return mmap.mmap(-1, max(-(-size // mmap.PAGESIZE), 1) * mmap.PAGESIZE)
+
+
+def _filled(buf: bytearray | mmap.mmap, n: int) -> bytes:
+    """The first ``n`` bytes a read left in ``buf``, as ``bytes``."""
+    if isinstance(buf, mmap.mmap):
+        return buf[:n]  # an mmap's slice is bytes already
+    del buf[n:]  # (the request has ended: nothing exports it any more)
+    return bytes(buf)
 
 
 def _get_ring(ring: AsyncRing | None) -> AsyncRing:
@@ -98,7 +113,10 @@ class AsyncFile:
         self._seekable = self._regular or _stat.S_ISBLK(st.st_mode)
         self._chunk = max(buffer_size, 1)
         self._unbuffered = buffer_size == 0
-        self._nowait = nowait and self._regular
+        # O_DIRECT: requests need page-aligned memory, and preadv2(RWF_NOWAIT) would read from
+        # the device synchronously on the loop thread (it does not refuse direct reads).
+        self._direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+        self._nowait = nowait and self._regular and not self._direct
         # The offset of the next raw read (-1: the kernel's position, for files without offsets).
         self._raw = (st.st_size if append else 0) if self._seekable else -1
         self._rbuf = b""  # read-ahead: bytes at [tell(), tell() + len - rpos)
@@ -187,11 +205,10 @@ class AsyncFile:
                 return ffi.buffer(scratch, n)[:]  # type: ignore[no-any-return]
             if n != _NEG_EAGAIN:
                 self._nowait = False  # the file system cannot tell without blocking
-        buf = bytearray(size)
+        buf = _direct_buffer(size) if self._direct else bytearray(size)
         op = self._aring._ring.read(self._fd, buf, offset)
         n = await self._await(op, _salvage_read, buf, offset)
-        del buf[n:]
-        return bytes(buf)
+        return _filled(buf, n)
 
     async def _fill(self, want: int) -> bool:
         """Read at least one more chunk into the read-ahead buffer; False at end of file."""
@@ -215,7 +232,12 @@ class AsyncFile:
         while self._wbuf:
             data, self._wbuf = self._wbuf, bytearray()
             offset = -1 if self._append else self._raw
-            op = self._aring._ring.write(self._fd, data, offset)
+            target: Any = data
+            if self._direct:  # O_DIRECT: the kernel reads straight from page-aligned memory
+                target = _direct_buffer(len(data))
+                target[:len(data)] = data
+                target = memoryview(target)[:len(data)]
+            op = self._aring._ring.write(self._fd, target, offset)
             n = await self._await(op, _salvage_write, data, offset)
             _wrote(self, data, offset, n)
 
@@ -363,15 +385,14 @@ class AsyncFile:
                 return ffi.buffer(scratch, n)[:]  # type: ignore[no-any-return]
             if n < 0 and n != _NEG_EAGAIN:
                 self._nowait = False
-        buf = bytearray(size)
+        buf = _direct_buffer(size) if self._direct else bytearray(size)
         aring = self._aring
         op = aring._ring.read(self._fd, buf, offset)
         aring._submit_soon()
         if op._res is None:
             await aring._until_done(op, None, ())
         n = op.result()
-        del buf[n:]
-        return bytes(buf)
+        return _filled(buf, n)
 
     # -- writing --------------------------------------------------------------------------------
 

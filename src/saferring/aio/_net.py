@@ -173,7 +173,7 @@ class RingTransport(asyncio.Transport):
             else:
                 for data in chunks:
                     protocol.data_received(data)  # type: ignore[attr-defined]
-        except BaseException as exc:  # noqa: BLE001 - a protocol's failure closes the connection
+        except BaseException as exc:
             self._fatal(exc, "data_received() failed")
             if not isinstance(exc, Exception):
                 raise
