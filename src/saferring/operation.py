@@ -69,6 +69,14 @@ class Operation(Generic[T]):
     #: The completion loop calls ``_arrived()`` after each value (multishot kinds).
     _on_arrival: ClassVar[bool] = False
 
+    #: The final CQE needs nothing but recording (no ``_settle``, no re-arm): the completion
+    #: loops record it inline instead of calling ``Ring._finish``.  Derived per subclass.
+    _plain_final: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._plain_final = cls._settle is Operation._settle and not cls._rearms
+
     def _rearm(self, ring: Any) -> bool:
         """For kinds with ``_rearms``: called by ``Ring._finish`` on a final CQE; True if the
         request goes on (armed again, or waiting to be) instead of ending."""

@@ -1234,6 +1234,8 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
     def _consume_flagged(self, items: Any) -> None:
         registry = self._registry
         messages = self._others
+        cancelled = self._cancelled
+        append = self._ready.append
         # Shaped like _consume: no call before a final CQE is recorded in _res (a call is where
         # a signal handler can raise; recovery then finds the op by its _res).
         for ud, res, flags in items:
@@ -1246,6 +1248,22 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
                     self._list_ready(op)
                     if op._on_arrival:  # values turned into objects while the moment is right
                         op._arrived()  # type: ignore[attr-defined]
+                elif op._plain_final and not ud & _UD_FLAGGED:
+                    # A one-CQE operation among multishot ones (a transport's send beside its
+                    # receive): recorded inline, exactly as _consume does.
+                    self._cur = op
+                    op._res = res
+                    if res >= 0 or -res in op._ok_errnos:
+                        op._state = _COMPLETED
+                    elif res == _NEG_ECANCELED or (res == _NEG_EINTR and ud in cancelled):
+                        op._state = _CANCELLED
+                    else:
+                        op._state = _FAILED
+                    del registry[ud]
+                    op._pins = None
+                    append(op)
+                    if cancelled:
+                        cancelled.discard(ud)
                 else:
                     self._cur = op
                     if op._wants_flags:  # the final CQE's buffer id

@@ -143,7 +143,11 @@ class RingTransport(asyncio.Transport):
         aring._watch(op, self._on_recv)
 
     def _on_recv(self, op: Operation[Any]) -> None:
-        chunks = op.take()  # type: ignore[attr-defined]
+        items = op._items  # type: ignore[attr-defined]
+        if len(items) == 1 and type(items[0]) is bytes:  # the usual case: one chunk
+            chunks = [items.popleft()]
+        else:
+            chunks = op.take()  # type: ignore[attr-defined]
         ended = op._res is not None
         if ended and self._recv is op:
             self._recv = None

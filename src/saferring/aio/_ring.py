@@ -197,6 +197,12 @@ class AsyncRing:
         ready = self._ring._collect()
         if ready and not self._dispatching:
             self._dispatch(ready)
+            if self._scheduled:
+                # The callbacks just run queued requests (a transport's replies): hand them
+                # over now rather than in another loop iteration, and take what completed.
+                ready = self._ring._collect()
+                if ready:
+                    self._dispatch(ready)
         # (During a dispatch, what was collected joins the list being dispatched: the loop
         # there goes on to the entries appended behind it.)
 
