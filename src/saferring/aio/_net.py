@@ -111,6 +111,7 @@ class RingTransport(asyncio.Transport):
         self._eof_wanted = False  # write_eof() asked; shut down once the buffer is empty
         self._eof_done = False
         self._closing = False
+        self._aborted = False
         self._lost = False
         self._conn_lost = 0
         if server is not None:
@@ -144,10 +145,9 @@ class RingTransport(asyncio.Transport):
 
     def _on_recv(self, op: Operation[Any]) -> None:
         items = op._items  # type: ignore[attr-defined]
-        if len(items) == 1 and type(items[0]) is bytes:  # the usual case: one chunk
-            chunks = [items.popleft()]
-        else:
-            chunks = op.take()  # type: ignore[attr-defined]
+        # The usual case, one chunk, without take()'s loop.
+        one = len(items) == 1 and type(items[0]) is bytes
+        chunks = [items.popleft()] if one else op.take()  # type: ignore[attr-defined]
         ended = op._res is not None
         if ended and self._recv is op:
             self._recv = None
@@ -261,23 +261,25 @@ class RingTransport(asyncio.Transport):
 
     def write(self, data: Any) -> None:
         """Send ``data`` (bytes-like; copied unless it is ``bytes``), in order, without blocking."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+        if type(data) is not bytes:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(
+                    f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+            data = bytes(data)  # the caller may change theirs as soon as write() returns
         if self._eof_wanted:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or self._lost:
             self._conn_lost += 1
             return
-        if type(data) is not bytes:
-            data = bytes(data)  # the caller may change theirs as soon as write() returns
-        if not data:
+        n = len(data)
+        if not n:
             return
-        self._wsize += len(data)
+        self._wsize += n
         if self._send is None:
             self._start_send(data)
         else:
             self._wbuf.append(data)
-        if not self._writing_paused and self._wsize > self._high:
+        if self._wsize > self._high and not self._writing_paused:
             self._writing_paused = True
             try:
                 self._protocol.pause_writing()
@@ -297,20 +299,28 @@ class RingTransport(asyncio.Transport):
             return
         self._send = op
         self._sending = data
-        aring._watch(op, self._on_sent)  # submitted at the end of this loop iteration
+        # Submitted at the end of this loop iteration (or of the dispatch that called us).
+        aring._watchers[op._ud] = (op, self._on_sent)
+        if not aring._scheduled:
+            aring._schedule()
 
     def _on_sent(self, op: Operation[Any]) -> None:
         self._send = None
         data = self._sending
         self._sending = b""
-        if op._state is not COMPLETED:
+        n = op._res
+        if n == len(data) and not self._wbuf and not self._writing_paused and not self._closing \
+                and not self._eof_wanted:
+            self._wsize -= n  # the usual case: all of it went, nothing else to do
+            return
+        if op._state is not COMPLETED or self._aborted:
             if not self._lost:
-                if self._closing and -op._res in _CANCELLED:  # type: ignore[operator]
-                    self._finish(None)  # abort() cancelled it
+                if self._closing and (self._aborted or -n in _CANCELLED):  # type: ignore[operator]
+                    self._finish(None)  # abort() cancelled it (or it finished first)
                 else:
                     self._fatal(_error(op), "send failed")
             return
-        n = op._res or 0
+        n = n or 0
         self._wsize -= n
         rest = data[n:]
         if rest or self._wbuf:
@@ -388,6 +398,7 @@ class RingTransport(asyncio.Transport):
     def abort(self) -> None:
         """Close now: unsent data is dropped; ``connection_lost(None)`` follows."""
         self._closing = True
+        self._aborted = True
         self._wbuf.clear()
         self._stop_receiving()
         op = self._send
