@@ -24,8 +24,7 @@ aio-read4k-odirect-gather32
     (inline and deferred), aiofiles (seek + readinto), run_in_executor (os.preadv), and
     preadv2_nowait_loop_thread, which shows that RWF_NOWAIT does not refuse a direct read (on
     ext4, at least; extra_info["executor_fallbacks"] counts refusals): it blocks the loop thread
-    for it.  ``saferring_file_pread`` is not here: on O_DIRECT its reads
-    fail with EINVAL (see the comment above test_aio_odirect_os_preadv_qd1).
+    for it; saferring_file_pread (an AsyncFile over an O_DIRECT descriptor).
 
 One round is BATCHES_PER_ROUND batches of 32 reads (the same precomputed offset batches for every
 contender) run by one ``loop.run_until_complete`` on a loop created once per contender (with
@@ -268,13 +267,17 @@ def _aring_read(df: Any, mode: str, who: str, submit: str, aligned: bool) -> Any
     return prepare
 
 
-def _file_pread(df: Any, mode: str, who: str, nowait: bool) -> Any:
+def _file_pread(df: Any, mode: str, who: str, nowait: bool, direct: bool = False) -> Any:
     async def prepare() -> Prepared:
         try:
             saferring.aio.get_ring()  # the loop's shared ring, which the file uses
         except (saferring.UnsupportedPlatformError, OSError) as exc:
             pytest.skip(f"io_uring is not available here: {exc}")
-        f = await saferring.aio.open(df.path, "rb", nowait=nowait)
+        if direct:  # the file object sees O_DIRECT and reads into page-aligned memory
+            fd = os.open(df.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            f = await saferring.aio.open(fd, "rb", nowait=nowait)
+        else:
+            f = await saferring.aio.open(df.path, "rb", nowait=nowait)
         read_one = functools.partial(f.pread, df.block)
 
         def info() -> dict[str, Any]:
@@ -462,11 +465,6 @@ def test_aio_preadv2_nowait_loop_thread(benchmark: Any, cached_file: Any, mode: 
 
 
 # -- aio-read4k-odirect-gather32 --------------------------------------------------------------------
-#
-# No saferring_file_pread here: an AsyncFile reads into memory it allocates itself (a bytearray,
-# or the ring's cffi scratch buffer for the RWF_NOWAIT path), which is not aligned to the
-# device's DMA alignment (512 bytes on the development VM's virtio disk), so every O_DIRECT
-# pread fails with EINVAL (OSError 22), with nowait=True and with nowait=False.
 
 
 def test_aio_odirect_os_preadv_qd1(benchmark: Any, direct_file: Any) -> None:
@@ -477,6 +475,14 @@ def test_aio_odirect_saferring_aring_read(benchmark: Any, direct_file: Any) -> N
     who = "odirect_saferring_aring_read"
     _bench_async(benchmark, direct_file, DIRECT, who,
                  _aring_read(direct_file, "gather32", who, "inline", aligned=True))
+
+
+def test_aio_odirect_saferring_file_pread(benchmark: Any, direct_file: Any) -> None:
+    """``await f.pread(4096, off)`` on an AsyncFile over an O_DIRECT descriptor (it reads into
+    page-aligned memory of its own and never tries RWF_NOWAIT there)."""
+    who = "odirect_saferring_file_pread"
+    _bench_async(benchmark, direct_file, DIRECT, who,
+                 _file_pread(direct_file, "gather32", who, nowait=True, direct=True))
 
 
 def test_aio_odirect_saferring_aring_read_deferred(benchmark: Any, direct_file: Any) -> None:
