@@ -221,6 +221,9 @@ class BufferOps(OpsBase):
         is not inside one of its calls (a signal handler, a finaliser), else at the next
         ``wait()``/``submit()``."""
         self._buffer_work = True
+        driver = self._driver() if self._driver is not None else None
+        if driver is not None:
+            driver._wake()  # an event loop drives the ring: it submits what this queues
         if self._closed or _get_ident() != self._owner or self._chain is not None:
             return
         self._owner = _BUSY

@@ -37,6 +37,7 @@ class OpsBase:
     _groups: dict[int, BufferRing]  # provided buffer groups by id
     _buffer_work: bool  # buffers came back, or requests wait for one: see _service_buffers
     _deferred: list[Any]  # requests to arm again once the caller's chain is closed
+    _driver: Any  # weakref to the AsyncRing driving the ring, or None
 
     if TYPE_CHECKING:
         _c: Any

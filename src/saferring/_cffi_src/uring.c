@@ -276,6 +276,15 @@ static int sr_submit(sr_ring *r)
     return ret;
 }
 
+/* SQEs written but not yet handed to the kernel (0 on a torn-down ring): lets the asyncio
+   driver see that a completion it just dispatched re-armed a request. */
+unsigned sr_sq_pending(sr_ring *r)
+{
+    if (sr_usable(r) != 0)
+        return 0;
+    return io_uring_sq_ready(&r->ring);
+}
+
 /* An SQE, flushing a full SQ to the kernel first.  NULL with *err set when the kernel would not
    take more (e.g. -EBUSY while its CQ overflow backlog is full): the caller reaps and retries. */
 /* How much of the CQ the pre-5.5 guard lets each kind of request use: user requests leave a

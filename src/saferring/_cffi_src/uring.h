@@ -201,6 +201,7 @@ int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int f
 long sr_pread_nowait(int fd, void *buf, size_t len, int64_t off);
 
 int sr_submit(sr_ring *r);
+unsigned sr_sq_pending(sr_ring *r);
 int sr_reap(sr_ring *r, unsigned wait_nr, int64_t timeout_ns, unsigned cap,
             uint64_t *ud, int32_t *res, uint32_t *flags);
 

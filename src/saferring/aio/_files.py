@@ -558,6 +558,29 @@ class AsyncFile:
         finally:
             self._leave()
 
+    def __del__(self) -> None:
+        # A file dropped unclosed: as Python's own files, warn, write what is buffered (here
+        # with a plain blocking write: a finaliser cannot await) and close the descriptor.
+        if getattr(self, "_closed", True) or not getattr(self, "_closefd", False):
+            return
+        self._closed = True
+        import warnings
+
+        warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self)
+        try:
+            if self._wbuf and self._pending is None:
+                if self._raw >= 0 and not self._append:
+                    os.pwrite(self._fd, self._wbuf, self._raw)
+                else:
+                    os.write(self._fd, self._wbuf)
+        except OSError:
+            pass
+        finally:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
     async def __aenter__(self) -> AsyncFile:
         return self
 
@@ -912,6 +935,7 @@ async def _open(file: Any, mode: str, flags: int, readable: bool, writable: bool
         if not closefd:
             raise ValueError("Cannot use closefd=False with file name")
         fd = await aring.openat(os.fspath(file), flags, 0o666)
+    binary = None
     try:
         if _stat.S_ISDIR(os.fstat(fd).st_mode):
             raise IsADirectoryError(21, "Is a directory", file)
@@ -923,6 +947,8 @@ async def _open(file: Any, mode: str, flags: int, readable: bool, writable: bool
         return AsyncTextFile(binary, encoding or "utf-8", errors or "strict", newline,
                              buffering == 1)
     except BaseException:
+        if binary is not None:
+            binary._closed = True  # (closed below: not a file dropped unclosed)
         if closefd or not isinstance(file, int):
             try:
                 os.close(fd)

@@ -45,12 +45,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 import weakref
 from asyncio import CancelledError
 from asyncio.events import _get_running_loop
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .._binding import lib
 from .._state import COMPLETED
 from ..buffers import Buffer
 from ..errors import (
@@ -153,7 +155,7 @@ class AsyncRing:
 
     __slots__ = ("__weakref__", "_closer", "_dispatching", "_fd", "_futures", "_idle", "_inline",
                  "_kept", "_loop", "_nowait_buf", "_orphans", "_ring", "_scheduled",
-                 "_transport_buffers", "_watchers")
+                 "_settle_waiters", "_thread", "_transport_buffers", "_unsettled", "_watchers")
 
     def __init__(self, entries: int = 256, *, submit: str = "inline", **options: Any) -> None:
         if submit not in ("inline", "deferred"):
@@ -167,6 +169,12 @@ class AsyncRing:
         self._futures: dict[int, asyncio.Future[None]] = {}
         self._orphans: dict[int, tuple[_Salvage | None, tuple[Any, ...]]] = {}
         self._kept: dict[int, _Kept] = {}
+        # A cancelled receive or accept still in the kernel, by descriptor: the next receive
+        # (accept) of that descriptor waits for it, so it cannot overtake it and reorder the
+        # stream.  Its end resolves the shared future in _settle_waiters (by user_data).
+        self._unsettled: dict[int, Operation[Any]] = {}
+        self._settle_waiters: dict[int, asyncio.Future[None]] = {}
+        self._thread = threading.get_ident()
         self._scheduled = False
         self._idle: asyncio.Future[None] | None = None  # aclose() waits on it for the drain
         self._closer: Any = None  # get_ring()'s hook that closes the ring with its loop
@@ -194,15 +202,20 @@ class AsyncRing:
 
     def _poll(self) -> None:
         """Submit what is queued, collect what completed, wake the tasks that awaited it."""
-        ready = self._ring._collect()
-        if ready and not self._dispatching:
+        ring = self._ring
+        ready = ring._collect()
+        if self._dispatching:
+            return
+        if ready:
             self._dispatch(ready)
-            if self._scheduled:
-                # The callbacks just run queued requests (a transport's replies): hand them
-                # over now rather than in another loop iteration, and take what completed.
-                ready = self._ring._collect()
-                if ready:
-                    self._dispatch(ready)
+        if self._scheduled or lib.sr_sq_pending(ring._c) or ring._buffer_work:
+            # Requests were queued while completions were handled: replies a transport's
+            # protocol wrote, receives re-armed after running out of buffers (written from
+            # inside the completion loop, after this call's submission).  Hand them over now
+            # rather than in another loop iteration, and take what completed.
+            ready = ring._collect()
+            if ready:
+                self._dispatch(ready)
         # (During a dispatch, what was collected joins the list being dispatched: the loop
         # there goes on to the entries appended behind it.)
 
@@ -230,8 +243,11 @@ class AsyncRing:
                         watch[1](op)
                 if orphans and op._res is not None:
                     orphan = orphans.pop(op._ud, None)
-                    if orphan is not None and orphan[0] is not None:
-                        orphan[0](self, op, *orphan[1])
+                    if orphan is not None:
+                        if orphan[0] is not None:
+                            orphan[0](self, op, *orphan[1])
+                        if self._unsettled:
+                            self._settled(op, orphan[1])
             ready.clear()
         finally:
             self._dispatching = False
@@ -312,11 +328,49 @@ class AsyncRing:
                 salvage(self, op, *args)
             return
         self._orphans[op._ud] = (salvage, args)
+        if (salvage is _salvage_stream or salvage is _salvage_accept) and type(args[0]) is int:
+            self._unsettled[args[0]] = op
         if cancel and not op.cancel_requested:
             try:
                 op.cancel()
             except SaferRingError:
                 pass  # the ring is closing (its drain cancels it) or a chain is open
+
+    def _settled(self, op: Operation[Any], args: tuple[Any, ...]) -> None:
+        """An orphaned receive or accept ended (and handed on what it did): wake the calls on
+        its descriptor that waited for it."""
+        fd = args[0] if args else None
+        if type(fd) is int and self._unsettled.get(fd) is op:
+            del self._unsettled[fd]
+        fut = self._settle_waiters.pop(op._ud, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _settle(self, fd: int) -> None:
+        """Wait until no cancelled receive or accept of ``fd`` is still in the kernel."""
+        while True:
+            op = self._unsettled.get(fd)
+            if op is None:
+                return
+            if op._ud not in self._orphans:  # ended and handed on already
+                del self._unsettled[fd]
+                continue
+            fut = self._settle_waiters.get(op._ud)
+            if fut is None:
+                fut = self._settle_waiters[op._ud] = self._loop.create_future()
+            # Shielded: this task being cancelled must not cancel what other callers wait on.
+            await asyncio.shield(fut)
+
+    def _wake(self) -> None:
+        """Have the loop submit and collect soon: from any thread (a buffer released by
+        another thread re-arms a starved receive, say)."""
+        try:
+            if threading.get_ident() == self._thread:
+                self._schedule()
+            else:
+                self._loop.call_soon_threadsafe(self._schedule)
+        except RuntimeError:
+            pass  # the loop is closed: nothing will run on this ring any more
 
     def _ring_closed(self) -> None:
         """Called by ``Ring.close()``: every operation has ended; wake whoever awaited one."""
@@ -328,6 +382,14 @@ class AsyncRing:
                 except RuntimeError:
                     pass  # the loop is closed: nobody can be waiting any more
         self._orphans.clear()
+        self._unsettled.clear()
+        waiters, self._settle_waiters = self._settle_waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                try:
+                    fut.set_result(None)
+                except RuntimeError:
+                    pass
         watchers, self._watchers = self._watchers, {}
         for op, watch in watchers.values():
             try:
@@ -510,6 +572,8 @@ class AsyncRing:
         stream is returned first."""
         if _get_running_loop() is not self._loop:
             self._check_loop()
+        if self._unsettled and offset == -1 and fd in self._unsettled:
+            await self._settle(fd)
         if self._kept and offset == -1 and type(fd) is int:
             n = self._deliver_or_buffer(fd, buffer)
             if n is not None:
@@ -528,6 +592,8 @@ class AsyncRing:
         cancelled receive on ``fd`` already took is returned first."""
         if _get_running_loop() is not self._loop:
             self._check_loop()
+        if self._unsettled and fd in self._unsettled:
+            await self._settle(fd)
         if self._kept and type(fd) is int:
             n = self._deliver_or_buffer(fd, buffer)
             if n is not None:
@@ -587,6 +653,8 @@ class AsyncRing:
         self._check_loop()
         if multishot:
             return self.multishot(self._ring.accept(fd, multishot=True, **kwargs))
+        if self._unsettled and fd in self._unsettled:
+            await self._settle(fd)
         if self._kept and type(fd) is int:
             conn = self._take_kept(fd, conn=True)
             if conn is not None:
