@@ -584,11 +584,10 @@ class BufferRing(_Owner):
         return Buffer._make(self._slab, bid, self, FILLED, res if res <= size else size)
 
     def _copy_out(self, res: int, flags: int) -> bytes | None:
-        """The bytes a CQE brought, copied out, and its buffer handed straight back to the
-        kernel: for consumers that copy every chunk anyway (the asyncio transports), no
-        :class:`Buffer` is made.  None if the CQE carried no data.  Safe inside the completion
-        path: a kernel buffer ring entry is published with a memory write (no SQE); in provide
-        mode the buffer waits for the ring's next call (_give_back_later)."""
+        """The bytes a CQE brought, copied out, its buffer returned at once: for consumers
+        that copy every chunk anyway (the asyncio transports), no :class:`Buffer` is made.
+        None if the CQE carried no data.  Runs inside the completion path, so the buffer is
+        handed to the kernel by the ring's next call (``_service_buffers``), not from here."""
         if not flags & _F_BUFFER:
             return None
         bid = flags >> _BUFFER_SHIFT
@@ -602,12 +601,11 @@ class BufferRing(_Owner):
             buf._abandon()
             return whole
         data = self._slab.maps[bid][:res] if res > 0 else None
-        if self.mode == "ring" and not self._starved and not self._closed:
-            lib.sr_buf_ring_provide_one(self._ring_addr, self._entries - 1,
-                                        self._slab.addrs[bid], self._slab.size, bid)
-            self._gen += 1
-        else:
-            self._give_back_later(bid)
+        # Back through the ring's next call (which it makes before waiting, and which the
+        # asyncio driver makes at the end of the same poll): one C call hands back every
+        # buffer a batch of CQEs used, instead of one call per chunk.
+        self._returned.append(bid)
+        self._ring._buffer_work = True
         return data
 
     def _take_piece(self, bid: int, res: int, flags: int) -> Buffer | None:

@@ -13,8 +13,9 @@ dispatched.
 * Receiving is one multishot ``recv`` (Linux 6.0; re-armed single-shot receives before) that
   picks buffers from a :class:`~saferring.BufferRing` shared by every transport on the ring.
   Each chunk is copied out as it is reaped (``BufferRing._copy_out``: ``data_received`` gets
-  ``bytes``; a ``BufferedProtocol`` gets it in its own buffer) and the buffer goes straight back
-  to the kernel, so one slow protocol cannot hold the shared ring's buffers.  ``pause_reading()`` cancels
+  ``bytes``; a ``BufferedProtocol`` gets it in its own buffer) and the buffers a poll used go
+  back to the kernel together at its end, so one slow protocol cannot hold the shared ring's
+  buffers.  ``pause_reading()`` cancels
   the receive; chunks it had already taken are delivered after ``resume_reading()``, before the
   new receive's, so nothing is lost or reordered.
 * Sending: one ``send`` in flight per connection (two sends on one stream socket may complete
