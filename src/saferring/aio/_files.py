@@ -40,7 +40,7 @@ import os
 import stat as _stat
 from collections import deque
 from collections.abc import AsyncIterator, Generator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr, Generic
 
 from .._binding import ffi, lib
 from .._state import COMPLETED
@@ -86,7 +86,42 @@ def _scratch(aring: AsyncRing) -> Any:
     return buf
 
 
-class AsyncFile:
+class _Lines(Generic[AnyStr]):
+    """What both kinds of file build on ``readline()`` and ``write()``."""
+
+    if TYPE_CHECKING:
+        async def readline(self, size: int | None = -1) -> AnyStr: ...
+        async def write(self, data: AnyStr) -> int: ...
+
+    async def readlines(self, hint: int = -1) -> list[AnyStr]:
+        """Read lines until end of file (or until ``hint`` bytes or characters were read)."""
+        lines: list[AnyStr] = []
+        total = 0
+        while True:
+            line = await self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                return lines
+
+    async def writelines(self, lines: Iterable[AnyStr]) -> None:
+        """Write every item of ``lines`` (no separators are added)."""
+        for line in lines:
+            await self.write(line)
+
+    def __aiter__(self) -> AsyncIterator[AnyStr]:
+        return self
+
+    async def __anext__(self) -> AnyStr:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class AsyncFile(_Lines[bytes]):
     """A binary file on io_uring: the ``aiofiles`` binary file API as coroutines.
 
     Created by :func:`saferring.aio.open`.  Calls on one file run one at a time (a second task
@@ -345,28 +380,6 @@ class AsyncFile:
         finally:
             self._leave()
 
-    async def readlines(self, hint: int = -1) -> list[bytes]:
-        """Read lines until end of file (or until ``hint`` bytes were read)."""
-        lines: list[bytes] = []
-        total = 0
-        while True:
-            line = await self.readline()
-            if not line:
-                return lines
-            lines.append(line)
-            total += len(line)
-            if 0 < hint <= total:
-                return lines
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        line = await self.readline()
-        if not line:
-            raise StopAsyncIteration
-        return line
-
     async def pread(self, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` without moving the position.  Calls may run
         concurrently (``gather``)."""
@@ -415,11 +428,6 @@ class AsyncFile:
             return n
         finally:
             self._leave()
-
-    async def writelines(self, lines: Iterable[Any]) -> None:
-        """Write every item of ``lines`` (no separators are added)."""
-        for line in lines:
-            await self.write(line)
 
     async def pwrite(self, data: Any, offset: int) -> int:
         """Write ``data`` at ``offset`` without moving the position; the bytes written."""
@@ -619,7 +627,7 @@ def _salvage_write(aring: AsyncRing, op: Operation[Any], file: AsyncFile, data: 
     _wrote(file, data, offset, op._res if op._state is COMPLETED and op._res else 0)
 
 
-class AsyncTextFile:
+class AsyncTextFile(_Lines[str]):
     """A text file: :class:`AsyncFile` underneath, decoded and encoded like :class:`io.TextIOWrapper`.
 
     ``read``, ``readline``, ``readlines``, ``write``, ``writelines``, ``flush``, ``seek``,
@@ -740,28 +748,6 @@ class AsyncTextFile:
         out, self._text = self._text[:end], self._text[end:]
         return out
 
-    async def readlines(self, hint: int = -1) -> list[str]:
-        """Read lines until end of file (or until ``hint`` characters were read)."""
-        lines: list[str] = []
-        total = 0
-        while True:
-            line = await self.readline()
-            if not line:
-                return lines
-            lines.append(line)
-            total += len(line)
-            if 0 < hint <= total:
-                return lines
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        line = await self.readline()
-        if not line:
-            raise StopAsyncIteration
-        return line
-
     async def write(self, text: str) -> int:
         """Write ``text``; the number of characters taken (all of them)."""
         self.buffer._check(False)
@@ -776,11 +762,6 @@ class AsyncTextFile:
         if self._line_buffering and ("\n" in text or "\r" in text):
             await self.buffer.flush()
         return len(text)
-
-    async def writelines(self, lines: Iterable[str]) -> None:
-        """Write every string of ``lines`` (no separators are added)."""
-        for line in lines:
-            await self.write(line)
 
     async def _discard_read_ahead(self) -> None:
         if self._text:

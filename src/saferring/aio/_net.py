@@ -43,6 +43,7 @@ from .._state import COMPLETED
 from ..buffers import BufferRing
 from ..errors import SaferRingError
 from ..operation import Operation
+from ._ring import cancel_quietly
 
 if TYPE_CHECKING:
 
@@ -166,17 +167,24 @@ class RingTransport(asyncio.Transport):
                 self._eof()
         elif -op._res not in _CANCELLED:  # type: ignore[operator]
             self._fatal(_error(op), "receive failed")
+        elif self._aring._closing or self._aring.closed:
+            self._finish(None)  # the ring is closing under the connection: it ends here
         elif self._paused is False and not self._closing:
             self._arm_recv()  # cancelled by pause_reading(), then resumed before it ended
 
     def _deliver(self, chunks: list[bytes]) -> None:
         protocol = self._protocol
         try:
-            if self._buffered:
-                for data in chunks:
+            for i, data in enumerate(chunks):
+                if self._paused or self._closing:
+                    # pause_reading() (or close()) from inside the protocol: the rest waits
+                    # for resume_reading(), as with asyncio's transports.
+                    if not self._closing:
+                        self._held.extend(chunks[i:])
+                    return
+                if self._buffered:
                     self._feed(data)
-            else:
-                for data in chunks:
+                else:
                     protocol.data_received(data)  # type: ignore[attr-defined]
         except BaseException as exc:
             self._fatal(exc, "data_received() failed")
@@ -184,11 +192,15 @@ class RingTransport(asyncio.Transport):
                 raise
 
     def _feed(self, data: Any) -> None:
-        """Hand ``data`` to a BufferedProtocol through as many of its buffers as it takes."""
+        """Hand ``data`` to a BufferedProtocol through as many of its buffers as it takes (what
+        is left when it pauses reading in between waits for resume_reading())."""
         protocol: Any = self._protocol
         done = 0
         total = len(data)
         while done < total:
+            if self._paused:
+                self._held.appendleft(data[done:])
+                return
             with memoryview(protocol.get_buffer(total - done)) as view, view.cast("B") as dst:
                 if not len(dst):
                     raise RuntimeError("get_buffer() returned an empty buffer")
@@ -214,12 +226,7 @@ class RingTransport(asyncio.Transport):
         if self._closing or self._paused:
             return
         self._paused = True
-        op = self._recv
-        if op is not None and op._res is None and not op.cancel_requested:
-            try:
-                op.cancel()
-            except SaferRingError:
-                pass
+        cancel_quietly(self._recv)
 
     def resume_reading(self) -> None:
         """Resume calling ``data_received``: first with what was held, then new data."""
@@ -318,6 +325,8 @@ class RingTransport(asyncio.Transport):
             if not self._lost:
                 if self._closing and (self._aborted or -n in _CANCELLED):  # type: ignore[operator]
                     self._finish(None)  # abort() cancelled it (or it finished first)
+                elif self._aring._closing or self._aring.closed:
+                    self._fatal(None, "")  # the ring closed under the connection
                 else:
                     self._fatal(_error(op), "send failed")
             return
@@ -403,36 +412,26 @@ class RingTransport(asyncio.Transport):
         self._wbuf.clear()
         self._stop_receiving()
         op = self._send
-        if op is not None and op._res is None and not op.cancel_requested:
-            try:
-                op.cancel()
-                return  # _on_sent finishes once the kernel has let go of the data
-            except SaferRingError:
-                pass
+        if cancel_quietly(op):
+            return  # _on_sent finishes once the kernel has let go of the data
         if op is None or op._res is not None:
             self._finish(None)
 
     def _stop_receiving(self) -> None:
-        op = self._recv
-        if op is not None and op._res is None and not op.cancel_requested:
-            try:
-                op.cancel()
-            except SaferRingError:
-                pass
+        cancel_quietly(self._recv)
         self._held.clear()
 
-    def _fatal(self, exc: BaseException, message: str) -> None:
-        if not isinstance(exc, (OSError, SaferRingError)) or self._loop.get_debug():
+    def _fatal(self, exc: BaseException | None, message: str) -> None:
+        """End the connection now (an error, or ``exc=None``: the ring closed under it)."""
+        if self._aring._closing or self._aring.closed:
+            exc = None  # whatever failed, it failed because the ring is going away
+        if exc is not None and (not isinstance(exc, (OSError, SaferRingError))
+                                or self._loop.get_debug()):
             self._aring._report(exc, f"saferring transport: {message}")
         self._closing = True
         self._wbuf.clear()
         self._stop_receiving()
-        op = self._send
-        if op is not None and op._res is None and not op.cancel_requested:
-            try:
-                op.cancel()
-            except SaferRingError:
-                pass
+        cancel_quietly(self._send)
         self._finish(exc if isinstance(exc, Exception) else None)
 
     def _finish(self, exc: Exception | None) -> None:
@@ -440,6 +439,7 @@ class RingTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        self._closing = True
         self._wsize = 0
         # The receive request holds a duplicate of the descriptor until it ends (cancelled
         # above), so closing ours cannot redirect it; the kernel finishes the socket then.
@@ -491,8 +491,9 @@ class Server(asyncio.AbstractServer):
     """
 
     def __init__(self, aring: AsyncRing, sockets: list[socket.socket],
-                 protocol_factory: Callable[[], asyncio.BaseProtocol]) -> None:
+                 protocol_factory: Callable[[], asyncio.BaseProtocol], backlog: int) -> None:
         self._aring = aring
+        self._backlog = backlog
         self._loop = aring.loop
         self._sockets = sockets
         self._factory = protocol_factory
@@ -515,6 +516,7 @@ class Server(asyncio.AbstractServer):
             return
         self._serving = True
         for sock in self._sockets:
+            sock.listen(self._backlog)  # only now, as asyncio: before, connections are refused
             self._arm_accept(sock)
 
     def _arm_accept(self, sock: socket.socket) -> None:
@@ -548,7 +550,9 @@ class Server(asyncio.AbstractServer):
             return
         if self._accepts.get(fd) is op:
             del self._accepts[fd]
-        if self._serving and not self._closed:
+        if self._aring._closing or self._aring.closed:
+            self.close()  # the ring is closing: so is the server
+        elif self._serving and not self._closed:
             # The kernel ended the multishot accept (out of descriptors, say): report it, and
             # accept again a little later rather than spin.
             if op._state is not COMPLETED and -op._res not in _CANCELLED:
@@ -557,7 +561,9 @@ class Server(asyncio.AbstractServer):
         self._wake_if_done()
 
     def _rearm(self, sock: socket.socket, fd: int) -> None:
-        if self._serving and not self._closed and fd not in self._accepts:
+        if self._aring._closing or self._aring.closed:
+            self.close()
+        elif self._serving and not self._closed and fd not in self._accepts:
             self._arm_accept(sock)
 
     def _wake_if_done(self) -> None:
@@ -574,11 +580,7 @@ class Server(asyncio.AbstractServer):
         self._closed = True
         self._serving = False
         for op in list(self._accepts.values()):
-            if op._res is None and not op.cancel_requested:
-                try:
-                    op.cancel()
-                except SaferRingError:
-                    pass
+            cancel_quietly(op)
         for sock in self._sockets:
             sock.close()
         if self._forever is not None and not self._forever.done():
@@ -688,7 +690,10 @@ async def create_server(protocol_factory: Callable[[], asyncio.BaseProtocol],
                 if (af, address) in seen:
                     continue
                 seen.add((af, address))
-                s = socket.socket(af, kind, proto)
+                try:
+                    s = socket.socket(af, kind, proto)
+                except OSError:
+                    continue  # a family this machine lacks (IPv6 turned off): as asyncio does
                 sockets.append(s)
                 if reuse_address:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -705,9 +710,7 @@ async def create_server(protocol_factory: Callable[[], asyncio.BaseProtocol],
             for s in sockets:
                 s.close()
             raise
-    for s in sockets:
-        s.listen(backlog)
-    server = Server(aring, sockets, protocol_factory)
+    server = Server(aring, sockets, protocol_factory, backlog)
     if start_serving:
         server._start()
     return server

@@ -86,6 +86,19 @@ _GENERIC = (
 )
 
 
+def cancel_quietly(op: Operation[Any] | None) -> bool:
+    """Ask the kernel to cancel ``op`` if it is still running and nobody asked yet; True if a
+    cancel was requested.  A refusal (the ring is closing, and its drain cancels everything
+    anyway; a chain is open) is not an error here."""
+    if op is None or op._res is not None or op.cancel_requested:
+        return False
+    try:
+        op.cancel()
+    except SaferRingError:
+        return False
+    return True
+
+
 def _new_ring(entries: int, options: dict[str, Any]) -> Ring:
     """The ring an AsyncRing drives: with ``IORING_SETUP_COOP_TASKRUN`` unless told otherwise.
 
@@ -153,7 +166,7 @@ class AsyncRing:
     synchronously.
     """
 
-    __slots__ = ("__weakref__", "_closer", "_dispatching", "_fd", "_futures", "_idle", "_inline",
+    __slots__ = ("__weakref__", "_closer", "_closing", "_dispatching", "_fd", "_futures", "_idle", "_inline",
                  "_kept", "_loop", "_nowait_buf", "_orphans", "_ring", "_scheduled",
                  "_settle_waiters", "_thread", "_transport_buffers", "_unsettled", "_watchers")
 
@@ -176,6 +189,7 @@ class AsyncRing:
         self._settle_waiters: dict[int, asyncio.Future[None]] = {}
         self._thread = threading.get_ident()
         self._scheduled = False
+        self._closing = False  # aclose()/close() began: consumers must not re-arm requests
         self._idle: asyncio.Future[None] | None = None  # aclose() waits on it for the drain
         self._closer: Any = None  # get_ring()'s hook that closes the ring with its loop
         self._nowait_buf: Any = None  # the file layer's scratch buffer (aio._files._scratch)
@@ -330,11 +344,8 @@ class AsyncRing:
         self._orphans[op._ud] = (salvage, args)
         if (salvage is _salvage_stream or salvage is _salvage_accept) and type(args[0]) is int:
             self._unsettled[args[0]] = op
-        if cancel and not op.cancel_requested:
-            try:
-                op.cancel()
-            except SaferRingError:
-                pass  # the ring is closing (its drain cancels it) or a chain is open
+        if cancel:
+            cancel_quietly(op)
 
     def _settled(self, op: Operation[Any], args: tuple[Any, ...]) -> None:
         """An orphaned receive or accept ended (and handed on what it did): wake the calls on
@@ -502,6 +513,7 @@ class AsyncRing:
         usually :class:`~saferring.OperationCancelledError`.  Idempotent."""
         if self._ring.closed:
             return
+        self._closing = True
         self._stop_watching()
         self._ring.close()
 
@@ -511,12 +523,9 @@ class AsyncRing:
         if ring.closed:
             return
         self._check_loop()
+        self._closing = True
         for op in list(ring._registry.values()):
-            if op._res is None and not op.cancel_requested:
-                try:
-                    op.cancel()
-                except SaferRingError:
-                    break  # a chain is open: close() deals with it
+            cancel_quietly(op)  # (a chain left open: close() deals with it)
         # Wait for the cancelled operations' final CQEs through the loop; whatever still runs
         # after a while (a zero-copy send the peer never reads) is left to close(), which
         # blocks until the kernel lets go.
