@@ -38,6 +38,7 @@ import io
 import mmap
 import os
 import stat as _stat
+from asyncio.events import _get_running_loop
 from collections import deque
 from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TYPE_CHECKING, Any, AnyStr, Generic
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 _CHUNK = 64 * 1024  # read-ahead and write-behind size unless buffering= says otherwise
 _SCRATCH = 256 * 1024  # the largest read served through the per-ring non-blocking scratch buffer
 _NEG_EAGAIN = -11
+_SPARE_ALIGNED = 64  # O_DIRECT read buffers an AsyncFile keeps for reuse
+_pread_nowait: Any = lib.sr_pread_nowait if lib is not None else None
+_unpack: Any = ffi.unpack if ffi is not None else None
 
 
 def _direct_buffer(size: int) -> mmap.mmap:
@@ -151,7 +155,10 @@ class AsyncFile(_Lines[bytes]):
         # O_DIRECT: requests need page-aligned memory, and preadv2(RWF_NOWAIT) would read from
         # the device synchronously on the loop thread (it does not refuse direct reads).
         self._direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
-        self._nowait = nowait and self._regular and not self._direct
+        self._nowait = nowait and self._regular and not self._direct and readable
+        self._loop = aring._loop
+        self._scratch = _scratch(aring) if self._nowait else None
+        self._spare: list[mmap.mmap] = []  # O_DIRECT: aligned memory of ended reads, reusable
         # The offset of the next raw read (-1: the kernel's position, for files without offsets).
         self._raw = (st.st_size if append else 0) if self._seekable else -1
         self._rbuf = b""  # read-ahead: bytes at [tell(), tell() + len - rpos)
@@ -234,7 +241,7 @@ class AsyncFile(_Lines[bytes]):
     async def _raw_read(self, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (-1: the kernel's position), b"" at end of file."""
         if self._nowait and size <= _SCRATCH and offset >= 0:
-            scratch = _scratch(self._aring)
+            scratch = self._scratch
             n = lib.sr_pread_nowait(self._fd, scratch, size, offset)
             if n >= 0:
                 return ffi.buffer(scratch, n)[:]  # type: ignore[no-any-return]
@@ -383,29 +390,48 @@ class AsyncFile(_Lines[bytes]):
     async def pread(self, size: int, offset: int) -> bytes:
         """Read up to ``size`` bytes at ``offset`` without moving the position.  Calls may run
         concurrently (``gather``)."""
+        # The hot case, kept short: a page-cache hit is one non-blocking read into the ring's
+        # scratch buffer (no request, no trip through the loop).  A closed file has _nowait off.
+        if self._nowait and 0 <= size <= _SCRATCH and offset >= 0 and not self._wbuf \
+                and self._pending is None and _get_running_loop() is self._loop:
+            scratch = self._scratch
+            n = _pread_nowait(self._fd, scratch, size, offset)
+            if n == size or n == 0:
+                return _unpack(scratch, n)  # type: ignore[no-any-return]
+            if n < 0 and n != _NEG_EAGAIN:
+                self._nowait = False  # the file system cannot tell without blocking
+        return await self._pread_ring(size, offset)
+
+    async def _pread_ring(self, size: int, offset: int) -> bytes:
         self._check(True)
         if not self._seekable:
             raise io.UnsupportedOperation("pread() needs a file with offsets")
         if size < 0 or offset < 0:
             raise ValueError("pread() needs size >= 0 and offset >= 0")
-        self._aring._check_loop()  # (as _enter: WrongLoopError, not a request left behind)
+        aring = self._aring
+        aring._check_loop()  # (as _enter: WrongLoopError, not a request left behind)
         if self._wbuf or self._pending is not None:
             await self.flush()
-        if self._nowait and size <= _SCRATCH:
-            scratch = _scratch(self._aring)
-            n = lib.sr_pread_nowait(self._fd, scratch, size, offset)
-            if n == size or n == 0:
-                return ffi.buffer(scratch, n)[:]  # type: ignore[no-any-return]
-            if n < 0 and n != _NEG_EAGAIN:
-                self._nowait = False
-        buf = _direct_buffer(size) if self._direct else bytearray(size)
-        aring = self._aring
+        buf = self._aligned(size) if self._direct else bytearray(size)
         op = aring._ring.read(self._fd, buf, offset)
         aring._submit_soon()
         if op._res is None:
             await aring._until_done(op, None, ())
         n = op.result()
-        return _filled(buf, n)
+        data = _filled(buf, n)
+        if self._direct and len(self._spare) < _SPARE_ALIGNED:
+            self._spare.append(buf)  # type: ignore[arg-type]  # the request has ended: reusable
+        return data
+
+    def _aligned(self, size: int) -> mmap.mmap:
+        """Page-aligned memory for an O_DIRECT read of ``size`` bytes: a spare one when its
+        size fits (mapping a new one per read would cost more than the read's CPU time)."""
+        spare = self._spare
+        pages = max(-(-size // mmap.PAGESIZE), 1) * mmap.PAGESIZE
+        for i in range(len(spare) - 1, -1, -1):
+            if len(spare[i]) == pages:
+                return spare.pop(i)
+        return _direct_buffer(size)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -557,6 +583,7 @@ class AsyncFile(_Lines[bytes]):
                 await self._flush_writes()
             finally:
                 self._closed = True
+                self._nowait = False  # (the pread fast path checks only this)
                 self._rbuf = b""
                 if self._closefd:
                     if self._aring.closed:
