@@ -18,10 +18,14 @@ dispatched.
   buffers.  ``pause_reading()`` cancels
   the receive; chunks it had already taken are delivered after ``resume_reading()``, before the
   new receive's, so nothing is lost or reordered.
-* Sending: one ``send`` in flight per connection (two sends on one stream socket may complete
-  out of order once one of them has to wait), the rest buffered and sent as one when it
-  completes.  Sends queued while the loop runs callbacks reach the kernel together, in one
-  ``io_uring_enter`` at the end of the iteration.  The write buffer counts bytes not yet sent;
+* Sending: a ``write()`` with nothing queued before it is first offered to the socket with one
+  non-blocking ``send()`` on the loop thread (what asyncio's and uvloop's transports do; it is
+  cheaper than a request and its completion when the socket has room, which is most of the
+  time).  What the socket does not take goes to the ring: one ``send`` in flight per
+  connection (two sends on one stream socket may complete out of order once one of them has to
+  wait), the rest buffered and sent as one when it completes.  Sends queued while the loop
+  runs callbacks reach the kernel together, in one ``io_uring_enter`` at the end of the
+  iteration.  The write buffer counts bytes not yet sent;
   ``pause_writing()``/``resume_writing()`` follow the high and low water marks as in asyncio.
 
 Every buffer the kernel may touch is pinned by the ring's registry until its request's final
@@ -53,6 +57,7 @@ _RECV_BUFFERS = 512  # buffers in each ring's shared transport BufferRing
 _RECV_BUFFER_SIZE = 16 * 1024
 _HIGH_WATER = 64 * 1024  # asyncio's defaults
 _CANCELLED = (errno.ECANCELED, errno.EINTR)
+_MSG_DONTWAIT = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
 def _get_ring(ring: AsyncRing | None) -> AsyncRing:
@@ -87,6 +92,7 @@ class RingTransport(asyncio.Transport):
         self._aring = aring
         self._loop = aring.loop
         self._sock = sock
+        self._sock_send = sock.send
         self._fd = sock.fileno()
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
@@ -268,21 +274,39 @@ class RingTransport(asyncio.Transport):
     # -- sending ----------------------------------------------------------------------------
 
     def write(self, data: Any) -> None:
-        """Send ``data`` (bytes-like; copied unless it is ``bytes``), in order, without blocking."""
-        if type(data) is not bytes:
+        """Send ``data`` (bytes-like), in order, without blocking.  What the socket does not take
+        at once is copied (unless it is ``bytes``) and sent by the ring."""
+        if type(data) is not bytes and type(data) is not bytearray:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise TypeError(
                     f"data argument must be a bytes-like object, not {type(data).__name__!r}")
-            data = bytes(data)  # the caller may change theirs as soon as write() returns
+            data = bytes(data)
         if self._eof_wanted:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or self._lost:
             self._conn_lost += 1
             return
-        n = len(data)
-        if not n:
+        if not data:
             return
-        self._wsize += n
+        if self._send is None and not self._wbuf:
+            # Nothing queued: most writes fit in the socket's buffer, so try one non-blocking
+            # send() on the loop thread first, as asyncio's and uvloop's transports do.  The
+            # ring gets only what the socket could not take at once (it waits for room without
+            # the loop's help): per message that saves a request, its completion and the
+            # bookkeeping of both, which cost more than the system call.
+            try:
+                n = self._sock_send(data, _MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._fatal(exc, "send failed")
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        if type(data) is not bytes:
+            data = bytes(data)  # the caller may change theirs as soon as write() returns
+        self._wsize += len(data)
         if self._send is None:
             self._start_send(data)
         else:
