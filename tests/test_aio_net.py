@@ -714,7 +714,9 @@ def test_write_after_close_is_ignored(arun: Run, net: Net) -> None:
         transport.write(b"before")
         transport.close()
         transport.write(b"after")
-        transport.writelines([b"after", b"too"])
+        if net.name == "saferring" or sys.version_info < (3, 12):
+            # (asyncio's own writelines() after close() fails on 3.12+'s sendmsg path)
+            transport.writelines([b"after", b"too"])
         await client.wait_lost()
         await until(lambda: bool(served), LIMIT)
         await served[0].wait_lost()
@@ -831,7 +833,7 @@ def test_pause_and_resume_writing(arun: Run, net: Net) -> None:
                 assert await recv_exactly(peer, len(expected)) == expected
                 await until(lambda: client.resumes == 1, LIMIT)
                 assert client.pauses == 1
-                assert transport.get_write_buffer_size() == 0
+                await until(lambda: transport.get_write_buffer_size() == 0, LIMIT)
             # The peer closed: end of stream closes the client.
             await client.wait_lost()
 
@@ -898,7 +900,8 @@ def test_pause_reading_loses_and_reorders_nothing(arun: Run, net: Net) -> None:
                 toggles += 1
             await bounded(sender)
             assert protocol.received == expected
-            assert toggles > 1
+            # (asyncio's own transport may take the whole stream in one read on a fast run)
+            assert toggles > 1 or net.name != "saferring"
             sock.shutdown(socket.SHUT_WR)
             await protocol.wait_lost()
             assert await recv_to_end(sock) == (b"", None)
