@@ -600,7 +600,8 @@ class BufferRing(_Owner):
             whole = buf.tobytes()
             buf._abandon()
             return whole
-        data = self._slab.maps[bid][:res] if res > 0 else None
+        size = self._slab.size
+        data = self._slab.maps[bid][:res if res <= size else size] if res > 0 else None
         # Back through the ring's next call (which it makes before waiting, and which the
         # asyncio driver makes at the end of the same poll): one C call hands back every
         # buffer a batch of CQEs used, instead of one call per chunk.

@@ -222,7 +222,7 @@ class AsyncRing:
             return
         if ready:
             self._dispatch(ready)
-        if self._scheduled or lib.sr_sq_pending(ring._c) or ring._buffer_work:
+        if self._scheduled or ring._buffer_work or lib.sr_sq_pending(ring._c):
             # Requests were queued while completions were handled: replies a transport's
             # protocol wrote, receives re-armed after running out of buffers (written from
             # inside the completion loop, after this call's submission).  Hand them over now
@@ -458,14 +458,20 @@ class AsyncRing:
 
     def _deliver(self, fd: int, buffer: Any) -> int | None:
         """Copy data a cancelled receive left for ``fd`` into ``buffer``; None if there is none."""
-        item = self._take_kept(fd, conn=False)
-        if item is None:
+        if fd not in self._kept:
             return None
-        data = item.tobytes() if type(item) is Buffer else item
-        if type(item) is Buffer:
-            _discard(item)
+        # The target first: if it cannot take the data (read-only, busy), that raises before
+        # anything is taken off the kept queue, so nothing is lost.
         target = buffer.view() if type(buffer) is Buffer else memoryview(buffer).cast("B")
         with target:
+            if target.readonly:
+                raise TypeError(f"recv()/read() needs a writable buffer, not {type(buffer).__name__}")
+            item = self._take_kept(fd, conn=False)
+            if item is None:
+                return None
+            data = item.tobytes() if type(item) is Buffer else item
+            if type(item) is Buffer:
+                _discard(item)
             n = min(len(target), len(data))
             target[:n] = data[:n]
         if type(buffer) is Buffer:
