@@ -8,6 +8,7 @@ import gc
 import mmap
 import os
 import stat
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -192,10 +193,19 @@ def test_fadvise_dontneed_drops_cached_pages(ring: saferring.Ring, rwfile: tuple
         pytest.skip("this filesystem keeps pages after POSIX_FADV_DONTNEED (tmpfs?)")
     assert os.pread(fd, len(data), 0) == data  # cached again
     assert os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) == 4096
-    op = ring.fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    assert ring.run(op) == 0 and op.state is OpState.COMPLETED
-    with pytest.raises(BlockingIOError):
-        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+    # The kernel skips pages it cannot invalidate at that instant (a page still in a per-CPU LRU
+    # batch, or locked by read-ahead): CI saw one such miss. The advice is applied again, a bounded
+    # number of times, until the page is gone; every attempt must complete with 0.
+    for _ in range(20):
+        op = ring.fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert ring.run(op) == 0 and op.state is OpState.COMPLETED
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("IORING_OP_FADVISE(DONTNEED) never dropped the cached page in 20 attempts")
 
 
 def test_fadvise_results_and_errors(ring: saferring.Ring, rwfile: tuple[int, bytes],
