@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: test-kernel-6.1 all demo test test-other-pythons bench lint typecheck setup system-deps clean
+.PHONY: bench-deps test-kernel-6.1 all demo test test-other-pythons bench lint typecheck setup system-deps clean
 
 all: test
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py build_ffi.py $(wildcard src/saferring/_cffi_sr
 	$(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,examples]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -68,7 +68,14 @@ test-kernel-6.1: setup
 	SAFERRING_KERNEL_GUEST=1 $(KERNEL61) --dir "$(CURDIR)" --timeout 1800 -- \
 	    .venv/bin/python -m pytest -q -p no:cacheprovider -m 'not slow' tests
 
-bench: setup
+# The external load generators the benchmarks compare against: wrk (HTTP) and fio (reads).
+bench-deps:
+	@if ! command -v wrk >/dev/null || ! command -v fio >/dev/null; then \
+	    echo "wrk/fio missing: installing them with apt-get"; \
+	    $(SUDO) apt-get update && $(SUDO) apt-get install -y wrk fio; \
+	fi
+
+bench: setup bench-deps
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,ops --benchmark-sort=name
 
 clean:
