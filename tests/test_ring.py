@@ -8,6 +8,7 @@ import pytest
 
 import saferring
 from saferring import RingClosedError
+from saferring.features import OPCODES, kernel_can
 
 from _helpers import run_isolated
 
@@ -168,7 +169,20 @@ def test_cli_info_and_demo_run() -> None:
     import sys
     info = subprocess.run([sys.executable, "-m", "saferring", "info"], capture_output=True,
                           text=True, timeout=60, check=True)
-    assert "io_uring  available" in info.stdout and "read" in info.stdout
+    assert "io_uring  available" in info.stdout
+    # The table's "here" column is the kernel's answer, row by row.
+    rows = {line[:35].strip(): line[35:].split()[1] for line in info.stdout.splitlines()
+            if line.startswith("  ") and line[35:].split()[1:2] in (["yes"], ["no"])}
+    assert rows["buffer rings (BufferRing)"] == ("yes" if kernel_can("BUF_RING") else "no")
+    assert rows["multishot receive"] == ("yes" if kernel_can("RECV_MULTISHOT") else "no")
+    assert len(rows) == 10
+    # Each opcode is listed once under its release, marked "-" where this kernel lacks it.
+    with saferring.Ring(4) as probe_ring:
+        have = probe_ring.features.opcodes
+    words = {w for line in info.stdout.split("io_uring opcodes")[1].split("Kernel features")[0]
+             .splitlines()[3:] for w in line.split()[1 if line[2:3].isdigit() else 0:]}
+    for op in OPCODES:
+        assert (op.name.lower() if op.name in have else f"-{op.name.lower()}") in words, op.name
     demo = subprocess.run([sys.executable, "-m", "saferring", "demo"], capture_output=True,
                           text=True, timeout=60, check=True)
     assert "nothing leaked" in demo.stdout
