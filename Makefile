@@ -1,14 +1,14 @@
 # Everything a fresh Debian/Ubuntu machine needs, then the thing you asked for.
 #   make demo   set up, then a short tour (python -m saferring info; python -m saferring demo)
 #   make test   set up, then lint, type-check and run the test suite
-#   make bench  set up, then the benchmarks
+#   make bench  set up, then the benchmarks in quick mode (make bench-full: the full rounds)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-deps test-kernel-6.1 all demo test test-other-pythons bench lint typecheck setup system-deps clean
+.PHONY: bench-full bench-deps test-kernel-6.1 all demo test test-other-pythons bench lint typecheck setup system-deps clean
 
 all: test
 
@@ -76,7 +76,10 @@ bench-deps:
 	fi
 
 bench: setup bench-deps
-	$(PY) -m pytest -q benchmarks --benchmark-columns=median,ops --benchmark-sort=name
+	$(PY) benchmarks/run.py --quick
+
+bench-full: setup bench-deps
+	$(PY) benchmarks/run.py --full
 
 clean:
 	rm -rf build dist src/*.egg-info src/saferring/_uring.c src/saferring/*.so src/saferring/*.o .venv .venv-3.*

@@ -261,3 +261,21 @@ def direct_file() -> Iterator[DataFile]:
         shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(_HERE / ".data")  # only if this run created it and left it empty
+
+
+# -- mode and machine --------------------------------------------------------------------------
+
+#: ``quick`` (``make bench``: the whole suite in about two minutes, fewer rounds and smaller
+#: sizes) or ``full`` (``make bench-full``, the figures docs/benchmarks.md quotes).  Running
+#: pytest directly gives ``full``.
+MODE = os.environ.get("SAFERRING_BENCH_MODE", "full")
+if MODE not in ("quick", "full"):
+    raise pytest.UsageError(f"SAFERRING_BENCH_MODE must be quick or full, not {MODE!r}")
+QUICK = MODE == "quick"
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """Store the machine description and the mode in the JSON, where report.py finds them."""
+    from machine import describe
+
+    machine_info["saferring"] = dict(describe(), mode=MODE)
