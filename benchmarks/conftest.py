@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 import saferring
+from machine import MODE, QUICK, describe
 from saferring.unsafe import ffi, lib
 
 BLOCK = 4096  # bytes per read
@@ -34,7 +35,7 @@ QD = 32  # reads in flight per round
 RING_ENTRIES = 256  # SQ size for both the safe and the raw ring (CQ: twice that)
 N_BATCHES = 512  # distinct offset batches; a benchmark cycles through them
 CACHED_SIZE = 64 << 20
-DIRECT_SIZE = 256 << 20
+DIRECT_SIZE = (64 if QUICK else 256) << 20
 _CHUNK = 1 << 20
 _HERE = Path(__file__).resolve().parent
 
@@ -217,7 +218,7 @@ def _direct_dir_candidates() -> list[tuple[str, bool]]:
 
 @pytest.fixture(scope="session")
 def direct_file() -> Iterator[DataFile]:
-    """256 MiB of known content on a filesystem that takes O_DIRECT, opened with O_DIRECT.
+    """256 MiB (quick mode: 64) of known content on a filesystem that takes O_DIRECT, opened with O_DIRECT.
 
     The file is written, fsynced and dropped from the page cache, so every read reaches the
     block device.  Deleted at the end of the session.
@@ -263,19 +264,9 @@ def direct_file() -> Iterator[DataFile]:
             os.rmdir(_HERE / ".data")  # only if this run created it and left it empty
 
 
-# -- mode and machine --------------------------------------------------------------------------
-
-#: ``quick`` (``make bench``: the whole suite in about two minutes, fewer rounds and smaller
-#: sizes) or ``full`` (``make bench-full``, the figures docs/benchmarks.md quotes).  Running
-#: pytest directly gives ``full``.
-MODE = os.environ.get("SAFERRING_BENCH_MODE", "full")
-if MODE not in ("quick", "full"):
-    raise pytest.UsageError(f"SAFERRING_BENCH_MODE must be quick or full, not {MODE!r}")
-QUICK = MODE == "quick"
+# -- machine ------------------------------------------------------------------------------------
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     """Store the machine description and the mode in the JSON, where report.py finds them."""
-    from machine import describe
-
     machine_info["saferring"] = dict(describe(), mode=MODE)

@@ -6,6 +6,14 @@ import os
 import platform
 import subprocess
 
+#: ``quick`` (``make bench``: the whole suite in about two minutes, fewer rounds and smaller
+#: sizes) or ``full`` (``make bench-full``, the figures docs/benchmarks.md quotes).  Running
+#: pytest directly gives ``full``.
+MODE = os.environ.get("SAFERRING_BENCH_MODE", "full")
+if MODE not in ("quick", "full"):
+    raise SystemExit(f"SAFERRING_BENCH_MODE must be quick or full, not {MODE!r}")
+QUICK = MODE == "quick"
+
 
 def _cpu_model() -> str:
     try:

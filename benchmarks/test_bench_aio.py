@@ -51,6 +51,7 @@ import pytest
 
 import saferring
 import saferring.aio
+from machine import QUICK
 
 SEQ = "aio-read4k-cached-seq"
 GATHER = "aio-read4k-cached-gather32"
@@ -59,8 +60,10 @@ MODES = {"seq": SEQ, "gather32": GATHER}
 BATCHES_PER_ROUND = {SEQ: 8, GATHER: 8, DIRECT: 4}
 # (rounds, warmup rounds).  Contenders that hand every read to a thread take 20-200 us per cached
 # read on a 2-vCPU VM (a round of 256 reads: 5-100 ms), so they get fewer rounds.
-ROUNDS = {SEQ: (150, 10), GATHER: (150, 10), DIRECT: (40, 3)}
-THREADED_ROUNDS = {SEQ: (15, 2), GATHER: (20, 2), DIRECT: (40, 3)}
+ROUNDS = ({SEQ: (40, 3), GATHER: (40, 3), DIRECT: (12, 2)} if QUICK
+          else {SEQ: (150, 10), GATHER: (150, 10), DIRECT: (40, 3)})
+THREADED_ROUNDS = ({SEQ: (5, 1), GATHER: (6, 1), DIRECT: (12, 2)} if QUICK
+                   else {SEQ: (15, 2), GATHER: (20, 2), DIRECT: (40, 3)})
 RING_ENTRIES = 256  # as the rings of conftest.py
 
 Batch = Callable[[list[int], list[bytes]], Awaitable[list[Any]]]

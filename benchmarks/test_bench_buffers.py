@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 import saferring
+from machine import QUICK
 from saferring.unsafe import ffi, lib
 
 BLOCK = 128 << 10
@@ -34,8 +35,8 @@ QD = 32
 CACHED = "read128k-seq-cached-qd32"
 DIRECT = "read128k-seq-odirect-qd32"
 ECHO = "echo1k-recv"
-ROUNDS = {CACHED: 400, DIRECT: 60, ECHO: 300}
-WARMUP = {CACHED: 20, DIRECT: 5, ECHO: 20}
+ROUNDS = {CACHED: 100, DIRECT: 20, ECHO: 60} if QUICK else {CACHED: 400, DIRECT: 60, ECHO: 300}
+WARMUP = {CACHED: 5, DIRECT: 2, ECHO: 5} if QUICK else {CACHED: 20, DIRECT: 5, ECHO: 20}
 MESSAGE = 1024
 
 

@@ -28,9 +28,11 @@ from typing import Any
 
 import pytest
 
+from machine import QUICK
+
 HERE = Path(__file__).resolve().parent
-MESSAGES = {1: 10_000, 10: 50_000, 100: 50_000}
-ROUNDS = 3
+MESSAGES = {1: 2_000, 10: 10_000, 100: 10_000} if QUICK else {1: 10_000, 10: 50_000, 100: 50_000}
+ROUNDS = 2 if QUICK else 3
 SERVERS = [
     "asyncio-streams", "uvloop-streams", "asyncio-protocol", "uvloop-protocol",
     "saferring-streams", "saferring-streams-uvloop", "saferring-protocol",

@@ -20,13 +20,15 @@ from typing import Any
 import pytest
 
 import saferring
+from machine import QUICK
 from saferring.unsafe import ffi, lib
 
 BATCHES = [1, 32, 128]
 # Calls of the round function per timed round, so that one timed round lasts a few ms.
 ITERATIONS = {1: 2000, 32: 100, 128: 25}
-ROUNDS = 200
-WARMUP = 10
+ROUNDS = 40 if QUICK else 200
+WARMUP = 3 if QUICK else 10
+
 
 def _pedantic(benchmark: Any, fn: Any, n: int) -> None:
     benchmark.group = f"nop-batch{n}"

@@ -27,12 +27,13 @@ from typing import Any
 import pytest
 
 import saferring
+from machine import QUICK
 from saferring.unsafe import ffi, lib
 
 CACHED = "read4k-random-cached-qd32"
 DIRECT = "read4k-random-odirect-qd32"
-ROUNDS = {CACHED: 5000, DIRECT: 400}
-WARMUP = {CACHED: 200, DIRECT: 20}
+ROUNDS = {CACHED: 1000, DIRECT: 100} if QUICK else {CACHED: 5000, DIRECT: 400}
+WARMUP = {CACHED: 50, DIRECT: 5} if QUICK else {CACHED: 200, DIRECT: 20}
 
 
 class Buffers:
