@@ -5,9 +5,13 @@ the same sequence of offset batches (each contender starts from batch 0).  The d
 seeded pseudo-random bytes that stay in memory too, so every read can be checked against the
 bytes that really are at its offset.
 
+Also here: ``c_build``, which compiles the C contenders of ``benchmarks/c/`` on demand and runs
+them, and ``RawBatch``, the raw-cffi contenders' way of queueing a whole round with one copy.
+
 Environment:
-  SAFERRING_BENCH_DIR  directory for the O_DIRECT file (default: /var/tmp, then benchmarks/.data;
-                       it must be on a filesystem that supports O_DIRECT, i.e. not tmpfs).
+  SAFERRING_BENCH_DIR  directory for the O_DIRECT file and the write benchmarks' file (default:
+                       /var/tmp, then benchmarks/.data; it must be on a filesystem that supports
+                       O_DIRECT and has a block device behind it, i.e. not tmpfs).
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import mmap
 import os
 import random
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cffi  # type: ignore[import-untyped]  # cffi ships no type stubs
 import pytest
 
 import saferring
@@ -217,11 +224,11 @@ def _direct_dir_candidates() -> list[tuple[str, bool]]:
 
 
 @pytest.fixture(scope="session")
-def direct_file() -> Iterator[DataFile]:
-    """256 MiB (quick mode: 64) of known content on a filesystem that takes O_DIRECT, opened with O_DIRECT.
+def disk_dir() -> Iterator[str]:
+    """A fresh directory on a filesystem with a block device behind it, where O_DIRECT works.
 
-    The file is written, fsynced and dropped from the page cache, so every read reaches the
-    block device.  Deleted at the end of the session.
+    The first of ``$SAFERRING_BENCH_DIR``, or ``/var/tmp`` then ``benchmarks/.data``, that passes
+    the check; removed (with everything in it) at the end of the session.
     """
     reasons = []
     workdir = None
@@ -243,14 +250,29 @@ def direct_file() -> Iterator[DataFile]:
             os.rmdir(_HERE / ".data")
     if workdir is None:
         pytest.skip("no directory supports O_DIRECT (set SAFERRING_BENCH_DIR): " + "; ".join(reasons))
-    path = os.path.join(workdir, "direct.bin")
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(_HERE / ".data")  # only if this run created it and left it empty
+
+
+@pytest.fixture(scope="session")
+def direct_file(disk_dir: str) -> Iterator[DataFile]:
+    """256 MiB (quick mode: 64) of known content on a filesystem that takes O_DIRECT, opened with O_DIRECT.
+
+    The file is written, fsynced and dropped from the page cache, so every read reaches the
+    block device.  Deleted at the end of the session.
+    """
+    path = os.path.join(disk_dir, "direct.bin")
     fd = -1
     try:
         content = _content(DIRECT_SIZE, seed=0xD1EC7)
         try:
             _write(path, content)
         except OSError as exc:
-            pytest.skip(f"cannot write the {DIRECT_SIZE >> 20} MiB O_DIRECT file in {workdir}: {exc}")
+            pytest.skip(f"cannot write the {DIRECT_SIZE >> 20} MiB O_DIRECT file in {disk_dir}: {exc}")
         fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
@@ -259,9 +281,219 @@ def direct_file() -> Iterator[DataFile]:
     finally:
         if fd >= 0:
             os.close(fd)
-        shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):
-            os.rmdir(_HERE / ".data")  # only if this run created it and left it empty
+            os.unlink(path)
+
+
+# -- C contenders -------------------------------------------------------------------------------
+
+
+class CPrograms:
+    """Builds ``benchmarks/c/NAME.c`` on first use (``gcc -O2``) and runs it.
+
+    A C contender measures itself: it runs the group's rounds internally and prints one line of
+    ``key=value`` fields, among them ``round_median_ns`` (the median time of one round, timed
+    inside the program).  :meth:`bench` records that as ``extra_info["round_seconds"]``, which
+    report.py uses instead of pytest-benchmark's time of the whole process (start-up included).
+    """
+
+    def __init__(self, out: str) -> None:
+        self._out = out
+        self._built: dict[str, str] = {}
+        self._liburing_missing: str | None = None
+        self._liburing_checked = False
+
+    def _check_liburing(self, gcc: str) -> str | None:
+        """Why a liburing program cannot be built here (headers or library missing), or None."""
+        if not self._liburing_checked:
+            self._liburing_checked = True
+            src = os.path.join(self._out, "probe.c")
+            with open(src, "w") as f:
+                f.write("#include <liburing.h>\nint main(void) { struct io_uring r; "
+                        "return io_uring_queue_init(1, &r, 0) < -4095; }\n")
+            proc = subprocess.run([gcc, "-o", os.path.join(self._out, "probe"), src, "-luring"],
+                                  capture_output=True, text=True, timeout=120, check=False)
+            if proc.returncode != 0:
+                first = (proc.stderr.strip().splitlines() or ["?"])[0]
+                self._liburing_missing = f"liburing's headers or library are missing (liburing-dev): {first}"
+        return self._liburing_missing
+
+    def __call__(self, name: str, liburing: bool = True) -> str:
+        """The path of the executable built from ``benchmarks/c/{name}.c`` (skips the test if
+        gcc, or liburing for a program that needs it, is missing)."""
+        if name in self._built:
+            return self._built[name]
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            pytest.skip(f"gcc is needed to build benchmarks/c/{name}.c")
+        if liburing and (reason := self._check_liburing(gcc)):
+            pytest.skip(reason)
+        exe = os.path.join(self._out, name)
+        cmd = [gcc, "-O2", "-Wall", "-o", exe, str(_HERE / "c" / f"{name}.c")]
+        if liburing:
+            cmd.append("-luring")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            pytest.fail(f"compiling benchmarks/c/{name}.c failed:\n{proc.stderr}")
+        self._built[name] = exe
+        return exe
+
+    def run(self, name: str, *args: object, timeout: float = 300) -> dict[str, str]:
+        """Run the program with ``args``; its ``key=value`` fields (fails on a non-zero exit,
+        which is how a C contender reports a wrong result)."""
+        proc = subprocess.run([self(name), *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if proc.returncode != 0:
+            pytest.fail(f"{name} failed ({proc.returncode}): {proc.stderr.strip()}{proc.stdout.strip()}")
+        return dict(item.split("=", 1) for item in proc.stdout.split())
+
+    def bench(self, benchmark: Any, name: str, *args: object) -> dict[str, str]:
+        """Run the program once under ``benchmark`` and record its own median round time."""
+        fields: dict[str, str] = {}
+
+        def once() -> None:
+            fields.update(self.run(name, *args))
+
+        self(name)  # build (or skip) before timing
+        benchmark.pedantic(once, rounds=1, iterations=1)
+        record_own_timing(benchmark, float(fields["round_median_ns"]) * 1e-9,
+                          int(fields["ops_per_round"]))
+        benchmark.extra_info["rounds"] = int(fields["rounds"])
+        benchmark.extra_info["round_mean_seconds"] = float(fields["round_mean_ns"]) * 1e-9
+        return fields
+
+
+    def bench_reads(self, benchmark: Any, tmp: Path, df: DataFile,
+                    batches: list[tuple[list[int], list[bytes]]], block: int, *, direct: bool,
+                    fixed: bool, rounds: int, warmup: int) -> None:
+        """``benchmarks/c/read_qd.c`` on ``batches`` (offsets, 8-byte prefixes) of ``df``, timed by
+        the program; its final round (the last batch, read into zeroed buffers) is compared in
+        full with the file."""
+        offsets, prefixes, final = tmp / "offsets.bin", tmp / "prefixes.bin", tmp / "final.bin"
+        offsets.write_bytes(array("Q", [o for offs, _ in batches for o in offs]).tobytes())
+        prefixes.write_bytes(b"".join(p for _, ps in batches for p in ps))
+        qd = len(batches[0][0])
+        self.bench(benchmark, "read_qd", df.path, int(direct), int(fixed), block, qd, len(batches),
+                   offsets, prefixes, rounds, warmup, final, RING_ENTRIES)
+        data = final.read_bytes()
+        for k, off in enumerate(batches[-1][0]):
+            if data[k * block:(k + 1) * block] != df.content[off:off + block]:
+                pytest.fail(f"read_qd: the {block} bytes read at offset {off} differ from the file")
+
+
+def record_own_timing(benchmark: Any, round_seconds: float, ops_per_round: int) -> None:
+    """Record a contender's own measurement of one round (report.py prefers it to the stats)."""
+    benchmark.extra_info["round_seconds"] = round_seconds
+    benchmark.extra_info["ops_per_round"] = ops_per_round
+
+
+@pytest.fixture(scope="session")
+def c_build() -> Iterator[CPrograms]:
+    """Compiles benchmarks/c/*.c programs on demand into a temporary directory (removed after)."""
+    out = tempfile.mkdtemp(prefix="saferring-c-")
+    try:
+        yield CPrograms(out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# -- raw cffi, batched ------------------------------------------------------------------------------
+
+# The first fields of liburing's public ``struct io_uring_sq`` (the first member of ``struct
+# io_uring``), unchanged since liburing 0.1.  saferring's cdef keeps ``struct io_uring`` opaque, so
+# a second, library-less FFI describes them: the raw batched contenders move ``sqe_tail`` the way
+# io_uring_get_sqe() does, N slots at a time, and liburing's submit publishes them to the kernel.
+_SQ_FFI = cffi.FFI()
+_SQ_FFI.cdef("""
+    struct bench_io_uring_sq {
+        unsigned *khead; unsigned *ktail; unsigned *kring_mask; unsigned *kring_entries;
+        unsigned *kflags; unsigned *kdropped; unsigned *array; void *sqes;
+        unsigned sqe_head; unsigned sqe_tail;
+    };
+""")
+SQE_WORDS = 8  # a 64-byte SQE as uint64 words; word 1 is ``off`` (the kernel ABI's layout)
+
+
+class RawBatch:
+    """Queue a whole round of SQEs on a raw liburing ring with one copy, and reap its CQEs with one.
+
+    This is the raw-cffi counterpart of saferring's batch API: the round's SQEs are prepared once
+    (by liburing's own ``io_uring_prep_*`` into a private template array), each round patches
+    what changes (the offsets, one slice assignment) and copies the template into the SQ with one
+    ``ffi.memmove``; the CQEs are copied out with one ``ffi.buffer`` read.  No registry, no pins:
+    the caller keeps every buffer alive and unmoved.
+    """
+
+    def __init__(self, r: Any) -> None:
+        if ffi.sizeof("struct io_uring_sqe") != SQE_WORDS * 8 or ffi.sizeof("struct io_uring_cqe") != 16:
+            pytest.skip("the raw batched contender expects 64-byte SQEs and 16-byte CQEs")
+        self.r = r
+        self.sq = _SQ_FFI.cast("struct bench_io_uring_sq *", int(ffi.cast("uintptr_t", r)))
+        self.sqes = ffi.cast("struct io_uring_sqe *", int(_SQ_FFI.cast("uintptr_t", self.sq.sqes)))
+        self.mask = int(self.sq.kring_mask[0])
+        self.entries = int(self.sq.kring_entries[0])
+
+    @staticmethod
+    def templates(n: int) -> tuple[array[int], Any]:
+        """``n`` zeroed SQEs: as uint64 words (patched each round: ``words[1::8]`` are the
+        offsets) and as ``struct io_uring_sqe[]`` over the same memory (for io_uring_prep_*)."""
+        words = array("Q", bytes(n * SQE_WORDS * 8))
+        return words, ffi.from_buffer("struct io_uring_sqe[]", words, require_writable=True)
+
+    def queuer(self, n: int) -> Callable[[array[int]], None]:
+        """A function that places the ``n`` SQEs of a template in the SQ (not yet submitted)."""
+        sq, khead, mask, entries, sqes = self.sq, self.sq.khead, self.mask, self.entries, self.sqes
+        memmove, size = ffi.memmove, n * SQE_WORDS * 8
+
+        def queue(words: array[int]) -> None:
+            tail = sq.sqe_tail
+            if tail + n - khead[0] > entries:
+                pytest.fail("raw batch: the SQ is full")
+            idx = tail & mask
+            if idx + n <= entries:
+                memmove(sqes + idx, words, size)
+            else:  # the round wraps around the end of the SQ array
+                first = entries - idx
+                memmove(sqes + idx, words, first * SQE_WORDS * 8)
+                memmove(sqes, memoryview(words)[first * SQE_WORDS:], (n - first) * SQE_WORDS * 8)
+            sq.sqe_tail = tail + n
+
+        return queue
+
+    def reaper(self, n: int) -> Callable[[], array[int]]:
+        """A function that waits for ``n`` CQEs and returns them as int32 words, 4 per CQE:
+        user_data (low, high), res, flags (``words[2::4]`` are the results)."""
+        r, peek, advance = self.r, lib.io_uring_peek_batch_cqe, lib.io_uring_cq_advance
+        wait, buf = lib.io_uring_submit_and_wait, ffi.buffer
+        cqes = ffi.new("struct io_uring_cqe *[]", n)
+        size = n * 16
+
+        def reap() -> array[int]:
+            words = array("i")
+            got = peek(r, cqes, n)
+            if got == n and cqes[n - 1] - cqes[0] == n - 1:  # all there, contiguous: one copy
+                words.frombytes(buf(cqes[0], size))
+                advance(r, n)
+                return words
+            done = 0
+            while True:
+                for j in range(got):
+                    words.frombytes(buf(cqes[j], 16))
+                advance(r, got)
+                done += got
+                if done == n:
+                    return words
+                if wait(r, n - done) < 0:
+                    pytest.fail("raw batch: io_uring_submit_and_wait failed")
+                got = peek(r, cqes, n - done)
+
+        return reap
+
+
+@pytest.fixture
+def raw_batch(raw_ring: Any) -> RawBatch:
+    """The raw ring of ``raw_ring``, driven a round at a time (see :class:`RawBatch`)."""
+    return RawBatch(raw_ring)
 
 
 # -- machine ------------------------------------------------------------------------------------

@@ -11,10 +11,22 @@ test whose name contains "saferring"): ``median(ref) / median(contender)``, so 2
 contender completes twice as many operations per second as the reference does.  The reference is
 saferring's batch API in the synchronous groups and a plain synchronous ``os.pread``/``os.preadv``
 loop in the asyncio groups (``aio-*``).  "vs saferring" is the same ratio against saferring's own
-contender in the group (marked "*" when several saferring APIs compete), and where the group has a
-raw-cffi baseline (a contender named "raw..."), a "cost of safety" line gives how much longer
-saferring's round takes than the raw one.  The machine description stored by conftest.py heads
-the output.
+contender in the group (marked "*" when several saferring APIs compete).  The machine description
+stored by conftest.py heads the output.
+
+Contenders that time themselves.  A benchmark may set ``extra_info["round_seconds"]``: its own
+measurement of the median time of one round (a C program that runs the group's rounds
+internally, fio's IOPS turned into the time of one round).  That value replaces
+pytest-benchmark's median, which for such a contender times a whole process, start-up included.
+These contenders are listed under the table ("own timing").
+
+Cost of safety.  A benchmark may set ``extra_info["pair"]`` to a label, and ``extra_info["raw"]``
+on the raw-cffi contender (liburing through cffi: no registry, no pins): within a group, each
+label's saferring contender is compared with that label's raw one, one line per label, e.g.
+"cost of safety (batched): saferring_batch takes +40.0% the time of raw_cffi_batch".  The labels
+in use are "one call per op" (one Python call per request, one submission per round) and
+"batched" (one call queues the whole round).  A group with no pairs falls back to comparing
+saferring's contender with the first contender named "raw...".
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import argparse
 import json
 import re
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 REFERENCE = "saferring"
 
@@ -50,24 +62,38 @@ def machine(path: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in info.items()}
 
 
-def load(path: str) -> dict[str, dict[str, tuple[float, int]]]:
-    """{group: {contender: (median seconds per round, ops per round)}} from one JSON file.
+class Entry(NamedTuple):
+    """One contender's result in one JSON file."""
+
+    median: float  # seconds per round: extra_info["round_seconds"] if set, else the stats median
+    ops: int  # operations per round
+    pair: str | None = None  # cost-of-safety label (extra_info["pair"])
+    raw: bool = False  # the raw-cffi side of its pair (extra_info["raw"])
+    own_timing: bool = False  # median is the contender's own measurement (round_seconds)
+
+
+def load(path: str) -> dict[str, dict[str, Entry]]:
+    """{group: {contender: Entry}} from one JSON file.
 
     A contender whose benchmark set ``extra_info["reference"]`` gets " (ref)" after its name, and
     one that set ``extra_info["saferring"]`` (saferring's own entry in a group where several
     saferring APIs compete) gets " *"."""
     with open(path) as f:
         data = json.load(f)
-    groups: dict[str, dict[str, tuple[float, int]]] = {}
+    groups: dict[str, dict[str, Entry]] = {}
     for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
         name = bench["name"].removeprefix("test_")
-        ops = int(bench.get("extra_info", {}).get("ops_per_round", 1))
-        if bench.get("extra_info", {}).get("reference"):
+        ops = int(info.get("ops_per_round", 1))
+        if info.get("reference"):
             name = f"{name} (ref)"
-        if bench.get("extra_info", {}).get("saferring"):
+        if info.get("saferring"):
             name = f"{name} *"
-        groups.setdefault(bench.get("group") or "(no group)", {})[name] = (
-            float(bench["stats"]["median"]), ops)
+        own = info.get("round_seconds")
+        median = float(own) if own is not None else float(bench["stats"]["median"])
+        pair = info.get("pair")
+        groups.setdefault(bench.get("group") or "(no group)", {})[name] = Entry(
+            median, ops, str(pair) if pair else None, bool(info.get("raw")), own is not None)
     return groups
 
 
@@ -92,15 +118,36 @@ def _raw(contenders: list[str]) -> str | None:
     return names[0] if names else None
 
 
+def _safety_notes(got: dict[str, Entry], ours: str | None, raw: str | None, tag: str) -> list[str]:
+    """The cost-of-safety lines of one group in one run: one per pair label (saferring's
+    contender vs the raw one with the same label), else saferring's vs the first "raw..."."""
+    labels: list[str] = []
+    for entry in got.values():
+        if entry.pair and entry.pair not in labels:
+            labels.append(entry.pair)
+    notes = []
+    for label in labels:
+        raws = [n for n, e in got.items() if e.pair == label and e.raw]
+        safe = [n for n, e in got.items() if e.pair == label and not e.raw]
+        if len(raws) == 1 and len(safe) == 1:
+            cost = got[safe[0]].median / got[raws[0]].median - 1
+            notes.append(f"cost of safety ({label}){tag}: {safe[0]} takes {cost:+.1%} the time "
+                         f"of {raws[0]}")
+    if not labels and ours and raw and ours in got and raw in got:
+        cost = got[ours].median / got[raw].median - 1
+        notes.append(f"cost of safety{tag}: {ours} takes {cost:+.1%} the time of {raw}")
+    return notes
+
+
 def _natural(text: str) -> list[Any]:
     """Sort key that puts nop-batch32 before nop-batch128."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def _first_median(runs: list[dict[str, dict[str, tuple[float, int]]]], group: str, name: str) -> float:
+def _first_median(runs: list[dict[str, dict[str, Entry]]], group: str, name: str) -> float:
     for run in runs:
         if name in run.get(group, {}):
-            return run[group][name][0]
+            return run[group][name].median
     return float("inf")
 
 
@@ -125,7 +172,8 @@ def report(paths: list[str], markdown: bool) -> str:
         ours = _saferring(contenders)
         raw = _raw(contenders)
         # the reference first, then the others fastest first (by the first run that has them)
-        contenders.sort(key=lambda n, g=group: (n != ref, _first_median(runs, g, n)))
+        order = {n: (n != ref, _first_median(runs, group, n)) for n in contenders}
+        contenders.sort(key=order.__getitem__)
         header = ["contender"]
         for i in range(len(runs)):
             tag = f"run{i + 1} " if len(runs) > 1 else ""
@@ -139,21 +187,23 @@ def report(paths: list[str], markdown: bool) -> str:
                 if got is None:
                     row += ["-"] * 5
                     continue
-                median, ops = got
+                median, ops = got.median, got.ops
                 base = run.get(group, {}).get(ref) if ref else None
-                ratio = _fmt_ratio(base[0] / median) if base else "n/a"
+                ratio = _fmt_ratio(base.median / median) if base else "n/a"
                 mine = run.get(group, {}).get(ours) if ours else None
-                versus = _fmt_ratio(mine[0] / median) if mine else "n/a"
+                versus = _fmt_ratio(mine.median / median) if mine else "n/a"
                 row += [_fmt_time(median), _fmt_time(median / ops), f"{ops / median:,.0f}", ratio,
                         versus]
             rows.append(row)
         notes = []
         for i, run in enumerate(runs):
-            got = run.get(group, {})
-            if ours and raw and ours in got and raw in got:
-                cost = got[ours][0] / got[raw][0] - 1
-                tag = f" (run{i + 1})" if len(runs) > 1 else ""
-                notes.append(f"cost of safety{tag}: {ours} takes {cost:+.1%} the time of {raw}")
+            tag = f" (run{i + 1})" if len(runs) > 1 else ""
+            notes += _safety_notes(run.get(group, {}), ours, raw, tag)
+        own = [n for n in contenders if any(n in run.get(group, {}) and run[group][n].own_timing
+                                            for run in runs)]
+        if own:
+            notes.append("own timing (the program's median round, not pytest-benchmark's): "
+                         + ", ".join(own))
         title = f"{group}" + ("" if ref else f"  (no contender named *{REFERENCE}*: no ratios)")
         if markdown:
             lines.append(f"**{title}**\n")
@@ -167,6 +217,8 @@ def report(paths: list[str], markdown: bool) -> str:
                 cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
                                                                                   strict=True)]
                 lines.append("  " + "  ".join(cells))
+        if markdown and notes:
+            lines.append("")  # GitHub's Markdown would read a line right after a table as a row
         for note in notes:
             lines.append(("" if markdown else "  ") + note + ("  " if markdown else ""))
         lines.append("")

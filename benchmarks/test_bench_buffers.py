@@ -4,9 +4,13 @@ read128k-seq-cached-qd32 / read128k-seq-odirect-qd32
     32 reads of 128 KiB per round at consecutive offsets (cycling through the file), from the
     page-cached 64 MiB file or the 256 MiB O_DIRECT file.  Contenders: saferring's
     ``read_fixed_many`` into leased pool buffers (the reference), saferring's ``read_many`` into
-    a plain mmap, raw liburing ``READ_FIXED`` through cffi (registered buffers, no registry), and
-    an ``os.preadv`` loop into preallocated buffers.  Every read is checked (byte count and first
-    8 bytes against the file); after timing, one more round is compared in full.
+    a plain mmap, raw liburing ``READ_FIXED`` through cffi (registered buffers, no registry),
+    the same a round at a time (``raw_cffi_read_fixed_batch``: the 32 SQEs prepared once, offsets
+    patched and copied into the SQ with one memmove per round; conftest.RawBatch), an
+    ``os.preadv`` loop into preallocated buffers, and ``c`` (benchmarks/c/read_qd.c with
+    registered buffers, timed by the program).  Cost of safety (report.py, pair "batched"):
+    ``read_fixed_many`` against ``raw_cffi_read_fixed_batch``.  Every read is checked (byte count
+    and first 8 bytes against the file); after timing, one more round is compared in full.
 
 echo1k-recv
     An echo over 127.0.0.1 TCP, one 1 KiB message at a time, 32 per round: the client (plain
@@ -21,7 +25,9 @@ import mmap
 import os
 import random
 import socket
+from array import array
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +44,7 @@ ECHO = "echo1k-recv"
 ROUNDS = {CACHED: 100, DIRECT: 20, ECHO: 60} if QUICK else {CACHED: 400, DIRECT: 60, ECHO: 300}
 WARMUP = {CACHED: 5, DIRECT: 2, ECHO: 5} if QUICK else {CACHED: 20, DIRECT: 5, ECHO: 20}
 MESSAGE = 1024
+BATCHED = "batched"  # cost-of-safety pair of the 128 KiB groups (report.py)
 
 
 class Rounds:
@@ -95,6 +102,7 @@ def _saferring_fixed(benchmark: Any, ring: saferring.Ring, df: Any, group: str) 
             return [buf.tobytes() for buf in bufs]
 
         benchmark.extra_info["reference"] = True
+        benchmark.extra_info["pair"] = BATCHED
         _run(benchmark, group, rounds, one_round, final, "saferring read_fixed_many")
         for buf in bufs:
             buf.release()
@@ -171,6 +179,58 @@ def _raw_fixed(benchmark: Any, r: Any, df: Any, group: str) -> None:
         lib.io_uring_unregister_buffers(r)
 
 
+def _raw_fixed_batch(benchmark: Any, rb: Any, df: Any, group: str) -> None:
+    rounds = Rounds(df)
+    r = rb.r
+    mem = mmap.mmap(-1, QD * BLOCK)
+    base = ffi.from_buffer(mem)
+    vecs = ffi.new("struct iovec[]", QD)
+    for k in range(QD):
+        vecs[k].iov_base = base + k * BLOCK
+        vecs[k].iov_len = BLOCK
+    rc = lib.io_uring_register_buffers(r, vecs, QD)
+    if rc < 0:
+        pytest.skip(f"io_uring_register_buffers failed: {os.strerror(-rc)}")
+    words, sqes = rb.templates(QD)
+    for k in range(QD):
+        lib.io_uring_prep_read_fixed(sqes + k, df.fd, base + k * BLOCK, BLOCK, 0, k)
+        sqes[k].user_data = k
+    queue, reap = rb.queuer(QD), rb.reaper(QD)
+    submit_and_wait = lib.io_uring_submit_and_wait
+    starts = [k * BLOCK for k in range(QD)]
+    full = array("i", [BLOCK] * QD)
+    want_sum = sum(range(QD))
+
+    def one_round(offs: list[int], prefixes: list[bytes]) -> None:
+        words[1::8] = array("Q", offs)  # word 1 of each 64-byte SQE is its file offset
+        queue(words)
+        if submit_and_wait(r, QD) < 0:
+            pytest.fail("raw batch: submit failed")
+        cqes = reap()  # int32 words, 4 per CQE: user_data low, high, res, flags
+        if cqes[2::4] != full or sum(cqes[0::4]) != want_sum:
+            pytest.fail(f"raw batch: results {cqes[2::4].tolist()}, user_data {cqes[0::4].tolist()}")
+        for start, want in zip(starts, prefixes, strict=True):
+            if mem[start:start + 8] != want:
+                pytest.fail("raw batch: read_fixed placed wrong data")
+
+    def final(offs: list[int], prefixes: list[bytes]) -> list[bytes]:
+        mem[:] = bytes(len(mem))
+        one_round(offs, prefixes)
+        return [mem[s:s + BLOCK] for s in starts]
+
+    benchmark.extra_info.update(pair=BATCHED, raw=True)
+    try:
+        _run(benchmark, group, rounds, one_round, final, "raw READ_FIXED batch")
+    finally:
+        lib.io_uring_unregister_buffers(r)
+
+
+def _c(benchmark: Any, c_build: Any, tmp: Path, df: Any, group: str, direct: bool) -> None:
+    benchmark.group = group
+    c_build.bench_reads(benchmark, tmp, df, Rounds(df).batches, BLOCK, direct=direct, fixed=True,
+                        rounds=ROUNDS[group], warmup=WARMUP[group])
+
+
 def _os_preadv(benchmark: Any, df: Any, group: str) -> None:
     rounds = Rounds(df)
     mem = mmap.mmap(-1, QD * BLOCK)
@@ -208,6 +268,15 @@ def test_cached128k_raw_cffi_read_fixed(benchmark: Any, raw_ring: Any, cached_fi
     _raw_fixed(benchmark, raw_ring, cached_file, CACHED)
 
 
+def test_cached128k_raw_cffi_read_fixed_batch(benchmark: Any, raw_batch: Any,
+                                              cached_file: Any) -> None:
+    _raw_fixed_batch(benchmark, raw_batch, cached_file, CACHED)
+
+
+def test_cached128k_c(benchmark: Any, c_build: Any, tmp_path: Path, cached_file: Any) -> None:
+    _c(benchmark, c_build, tmp_path, cached_file, CACHED, direct=False)
+
+
 def test_cached128k_os_preadv(benchmark: Any, cached_file: Any) -> None:
     _os_preadv(benchmark, cached_file, CACHED)
 
@@ -227,6 +296,15 @@ def test_odirect128k_saferring_read_many(benchmark: Any, ring: saferring.Ring,
 
 def test_odirect128k_raw_cffi_read_fixed(benchmark: Any, raw_ring: Any, direct_file: Any) -> None:
     _raw_fixed(benchmark, raw_ring, direct_file, DIRECT)
+
+
+def test_odirect128k_raw_cffi_read_fixed_batch(benchmark: Any, raw_batch: Any,
+                                               direct_file: Any) -> None:
+    _raw_fixed_batch(benchmark, raw_batch, direct_file, DIRECT)
+
+
+def test_odirect128k_c(benchmark: Any, c_build: Any, tmp_path: Path, direct_file: Any) -> None:
+    _c(benchmark, c_build, tmp_path, direct_file, DIRECT, direct=True)
 
 
 def test_odirect128k_os_preadv_qd1(benchmark: Any, direct_file: Any) -> None:

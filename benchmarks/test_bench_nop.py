@@ -11,10 +11,18 @@ Contenders (same ring size, same N, same checks):
   raw_cffi    liburing through cffi, one cffi call per liburing function, locals bound:
               get_sqe / prep_nop / user_data per op, submit_and_wait, peek_batch_cqe into a
               preallocated array, read user_data and res of each CQE, cq_advance
+  raw_cffi_batch  liburing through cffi, a round at a time: the N SQEs prepared once into a
+              template, copied into the SQ with one memmove per round, submit_and_wait, the N
+              CQEs copied out with one buffer read and checked as an int array (conftest.RawBatch)
+  c           benchmarks/c/nop_batch.c: the same rounds in C with liburing, timed by the program
+
+Cost-of-safety pairs (``extra_info["pair"]``, report.py): "one call per op" is saferring_single_ops
+against raw_cffi, "batched" is saferring_batch against raw_cffi_batch.
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import pytest
@@ -28,6 +36,8 @@ BATCHES = [1, 32, 128]
 ITERATIONS = {1: 2000, 32: 100, 128: 25}
 ROUNDS = 40 if QUICK else 200
 WARMUP = 3 if QUICK else 10
+RING_ENTRIES = 256  # as conftest's rings
+PER_OP, BATCHED = "one call per op", "batched"  # cost-of-safety pairs (report.py)
 
 
 def _pedantic(benchmark: Any, fn: Any, n: int) -> None:
@@ -49,6 +59,7 @@ def test_nop_saferring_batch(benchmark: Any, ring: saferring.Ring, n: int) -> No
 
     one_round()  # correctness before timing
     benchmark.extra_info["reference"] = True
+    benchmark.extra_info["pair"] = BATCHED
     _pedantic(benchmark, one_round, n)
     stats = ring.stats()
     assert stats.in_flight == 0 and stats.submitted == stats.completed
@@ -69,6 +80,7 @@ def test_nop_saferring_single_ops(benchmark: Any, ring: saferring.Ring, n: int) 
                 pytest.fail(f"saferring: a NOP returned {op.result()}")
 
     one_round()  # correctness before timing
+    benchmark.extra_info["pair"] = PER_OP
     _pedantic(benchmark, one_round, n)
     stats = ring.stats()
     assert stats.in_flight == 0 and stats.submitted == stats.completed
@@ -114,4 +126,37 @@ def test_nop_raw_cffi(benchmark: Any, raw_ring: Any, n: int) -> None:
             pytest.fail(f"raw: reaped {done} CQEs (user_data sum {total}), expected {n}")
 
     one_round()
+    benchmark.extra_info.update(pair=PER_OP, raw=True)
     _pedantic(benchmark, one_round, n)
+
+
+@pytest.mark.parametrize("n", BATCHES, ids=[f"batch{n}" for n in BATCHES])
+def test_nop_raw_cffi_batch(benchmark: Any, raw_batch: Any, n: int) -> None:
+    words, sqes = raw_batch.templates(n)
+    for i in range(n):
+        lib.io_uring_prep_nop(sqes + i)
+        sqes[i].user_data = i
+    queue, reap = raw_batch.queuer(n), raw_batch.reaper(n)
+    r, submit_and_wait = raw_batch.r, lib.io_uring_submit_and_wait
+    zeros = array("i", bytes(4 * n))
+    want_sum = sum(range(n))
+
+    def one_round() -> None:
+        queue(words)
+        ret = submit_and_wait(r, n)
+        if ret < 0:
+            pytest.fail(f"raw batch: io_uring_submit_and_wait returned {ret}")
+        cqes = reap()  # int32 words, 4 per CQE: user_data low, high, res, flags
+        if cqes[2::4] != zeros or sum(cqes[0::4]) != want_sum:
+            pytest.fail(f"raw batch: results {cqes[2::4].tolist()}, user_data {cqes[0::4].tolist()}")
+
+    one_round()
+    benchmark.extra_info.update(pair=BATCHED, raw=True)
+    _pedantic(benchmark, one_round, n)
+
+
+@pytest.mark.parametrize("n", BATCHES, ids=[f"batch{n}" for n in BATCHES])
+def test_nop_c(benchmark: Any, c_build: Any, n: int) -> None:
+    """benchmarks/c/nop_batch.c: ROUNDS rounds of ITERATIONS batches, timed by the program."""
+    benchmark.group = f"nop-batch{n}"
+    c_build.bench(benchmark, "nop_batch", n, ROUNDS, ITERATIONS[n], WARMUP, RING_ENTRIES)

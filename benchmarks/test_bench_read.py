@@ -12,6 +12,13 @@ read4k-random-odirect-qd32
     device.  saferring and raw_cffi keep 32 reads in flight; os_preadv_qd1 issues them one at a
     time, which is what a synchronous loop can do.  The gap is the device's parallelism.
 
+Both groups also have raw_cffi_batch (liburing through cffi a round at a time: the 32 SQEs
+prepared once into a template whose offsets each round patches, one memmove into the SQ, the
+CQEs copied out at once; conftest.RawBatch) and c (benchmarks/c/read_qd.c, the same batches
+read in C with liburing and timed by the program; fio's contender is in test_bench_fio.py).
+Cost-of-safety pairs (report.py): "one call per op" is saferring_single_ops against raw_cffi,
+"batched" is saferring_batch against raw_cffi_batch.
+
 Every contender checks every read of every round: the byte count, and the first 8 bytes against
 the file's known content at that offset.  After timing, each runs one more round into zeroed
 buffers and compares all 32 x 4 KiB with the file.  Every contender reads the same sequence of
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import mmap
 import os
+from array import array
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,8 +41,10 @@ from saferring.unsafe import ffi, lib
 
 CACHED = "read4k-random-cached-qd32"
 DIRECT = "read4k-random-odirect-qd32"
+BLOCK = 4096  # as conftest.BLOCK
 ROUNDS = {CACHED: 1000, DIRECT: 100} if QUICK else {CACHED: 5000, DIRECT: 400}
 WARMUP = {CACHED: 50, DIRECT: 5} if QUICK else {CACHED: 200, DIRECT: 20}
+PER_OP, BATCHED = "one call per op", "batched"  # cost-of-safety pairs (report.py)
 
 
 class Buffers:
@@ -88,6 +99,7 @@ def _saferring(benchmark: Any, ring: saferring.Ring, df: Any, group: str, aligne
         one_round(offs, prefixes)
         return views
 
+    benchmark.extra_info["pair"] = PER_OP
     _run(benchmark, df, group, one_round, final, "saferring")
 
 
@@ -113,6 +125,7 @@ def _saferring_batch(benchmark: Any, ring: saferring.Ring, df: Any, group: str,
         return views
 
     benchmark.extra_info["reference"] = True
+    benchmark.extra_info["pair"] = BATCHED
     _run(benchmark, df, group, one_round, final, "saferring_batch")
 
 
@@ -163,7 +176,44 @@ def _raw_cffi(benchmark: Any, r: Any, df: Any, group: str, aligned: bool) -> Non
         one_round(offs, prefixes)
         return views
 
+    benchmark.extra_info.update(pair=PER_OP, raw=True)
     _run(benchmark, df, group, one_round, final, "raw_cffi")
+
+
+def _raw_cffi_batch(benchmark: Any, rb: Any, df: Any, group: str, aligned: bool) -> None:
+    bufs = Buffers(df, aligned)
+    views, fd, block, qd = bufs.views, df.fd, df.block, df.qd
+    mem, starts = bufs.mem, bufs.starts
+    ptrs = [ffi.from_buffer(v, require_writable=True) for v in views]  # kept alive with the test
+    words, sqes = rb.templates(qd)
+    for k in range(qd):
+        lib.io_uring_prep_read(sqes + k, fd, ptrs[k], block, 0)  # the offset is patched per round
+        sqes[k].user_data = k
+    queue, reap = rb.queuer(qd), rb.reaper(qd)
+    r, submit_and_wait = rb.r, lib.io_uring_submit_and_wait
+    full = array("i", [block] * qd)
+    want_sum = sum(range(qd))
+
+    def one_round(offs: list[int], prefixes: list[bytes]) -> None:
+        words[1::8] = array("Q", offs)  # word 1 of each 64-byte SQE is its file offset
+        queue(words)
+        ret = submit_and_wait(r, qd)
+        if ret < 0:
+            pytest.fail(f"raw batch: io_uring_submit_and_wait returned {ret}")
+        cqes = reap()  # int32 words, 4 per CQE: user_data low, high, res, flags
+        if cqes[2::4] != full or sum(cqes[0::4]) != want_sum:
+            pytest.fail(f"raw batch: results {cqes[2::4].tolist()}, user_data {cqes[0::4].tolist()}")
+        for start, want in zip(starts, prefixes, strict=True):
+            if mem[start:start + 8] != want:
+                pytest.fail("raw batch: a read placed wrong data")
+
+    def final(offs: list[int], prefixes: list[bytes]) -> list[Any]:
+        bufs.zero()
+        one_round(offs, prefixes)
+        return views
+
+    benchmark.extra_info.update(pair=BATCHED, raw=True)
+    _run(benchmark, df, group, one_round, final, "raw_cffi_batch")
 
 
 def _os_preadv(benchmark: Any, df: Any, group: str, aligned: bool) -> None:
@@ -201,6 +251,16 @@ def test_cached_raw_cffi(benchmark: Any, raw_ring: Any, cached_file: Any) -> Non
     _raw_cffi(benchmark, raw_ring, cached_file, CACHED, aligned=False)
 
 
+def test_cached_raw_cffi_batch(benchmark: Any, raw_batch: Any, cached_file: Any) -> None:
+    _raw_cffi_batch(benchmark, raw_batch, cached_file, CACHED, aligned=False)
+
+
+def test_cached_c(benchmark: Any, c_build: Any, tmp_path: Path, cached_file: Any) -> None:
+    benchmark.group = CACHED
+    c_build.bench_reads(benchmark, tmp_path, cached_file, cached_file.batches, BLOCK, direct=False,
+                        fixed=False, rounds=ROUNDS[CACHED], warmup=WARMUP[CACHED])
+
+
 def test_cached_os_pread(benchmark: Any, cached_file: Any) -> None:
     df = cached_file
     fd, block = df.fd, df.block
@@ -236,6 +296,16 @@ def test_odirect_saferring_single_ops(benchmark: Any, ring: saferring.Ring, dire
 
 def test_odirect_raw_cffi(benchmark: Any, raw_ring: Any, direct_file: Any) -> None:
     _raw_cffi(benchmark, raw_ring, direct_file, DIRECT, aligned=True)
+
+
+def test_odirect_raw_cffi_batch(benchmark: Any, raw_batch: Any, direct_file: Any) -> None:
+    _raw_cffi_batch(benchmark, raw_batch, direct_file, DIRECT, aligned=True)
+
+
+def test_odirect_c(benchmark: Any, c_build: Any, tmp_path: Path, direct_file: Any) -> None:
+    benchmark.group = DIRECT
+    c_build.bench_reads(benchmark, tmp_path, direct_file, direct_file.batches, BLOCK, direct=True,
+                        fixed=False, rounds=ROUNDS[DIRECT], warmup=WARMUP[DIRECT])
 
 
 def test_odirect_os_preadv_qd1(benchmark: Any, direct_file: Any) -> None:
