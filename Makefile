@@ -1,5 +1,6 @@
 # Everything a fresh Debian/Ubuntu machine needs, then the thing you asked for.
-#   make demo   set up, then a short tour (python -m saferring info; python -m saferring demo)
+#   make demo   set up, then a short tour (examples/tour.py: feature report, verified file copy,
+#               echo round trip with stats; then python -m saferring demo: the safety promise)
 #   make test   set up, then lint, type-check and run the test suite
 #   make bench  set up, then the benchmarks in quick mode (make bench-full: the full rounds)
 PYTHON ?= python3
@@ -28,7 +29,7 @@ $(STAMP): pyproject.toml setup.py build_ffi.py $(wildcard src/saferring/_cffi_sr
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m saferring info
+	$(PY) examples/tour.py
 	$(PY) -m saferring demo
 
 lint: setup
