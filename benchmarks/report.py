@@ -7,7 +7,8 @@ For every benchmark group it prints, per contender and per JSON file (one column
 the median time of one round, the median time per operation (round / ``ops_per_round``, which the
 benchmarks record in ``extra_info``), and the throughput ratio to the group's reference contender
 (the one whose benchmark set ``extra_info["reference"]``, marked "(ref)"; failing that, the first
-test whose name contains "saferring"): ``median(ref) / median(contender)``, so 2.00x means that
+test whose name contains "saferring"): ``per_op(ref) / per_op(contender)`` (the median round's
+time divided by its ``ops_per_round``), so 2.00x means that
 contender completes twice as many operations per second as the reference does.  The reference is
 saferring's batch API in the synchronous groups and a plain synchronous ``os.pread``/``os.preadv``
 loop in the asyncio groups (``aio-*``).  "vs saferring" is the same ratio against saferring's own
@@ -71,6 +72,12 @@ class Entry(NamedTuple):
     raw: bool = False  # the raw-cffi side of its pair (extra_info["raw"])
     own_timing: bool = False  # median is the contender's own measurement (round_seconds)
 
+    @property
+    def per_op(self) -> float:
+        """Seconds per operation: what every ratio compares (rounds of fixed-duration contenders,
+        wrk's say, hold different numbers of operations)."""
+        return self.median / self.ops
+
 
 def load(path: str) -> dict[str, dict[str, Entry]]:
     """{group: {contender: Entry}} from one JSON file.
@@ -130,11 +137,11 @@ def _safety_notes(got: dict[str, Entry], ours: str | None, raw: str | None, tag:
         raws = [n for n, e in got.items() if e.pair == label and e.raw]
         safe = [n for n, e in got.items() if e.pair == label and not e.raw]
         if len(raws) == 1 and len(safe) == 1:
-            cost = got[safe[0]].median / got[raws[0]].median - 1
+            cost = got[safe[0]].per_op / got[raws[0]].per_op - 1
             notes.append(f"cost of safety ({label}){tag}: {safe[0]} takes {cost:+.1%} the time "
                          f"of {raws[0]}")
     if not labels and ours and raw and ours in got and raw in got:
-        cost = got[ours].median / got[raw].median - 1
+        cost = got[ours].per_op / got[raw].per_op - 1
         notes.append(f"cost of safety{tag}: {ours} takes {cost:+.1%} the time of {raw}")
     return notes
 
@@ -189,9 +196,9 @@ def report(paths: list[str], markdown: bool) -> str:
                     continue
                 median, ops = got.median, got.ops
                 base = run.get(group, {}).get(ref) if ref else None
-                ratio = _fmt_ratio(base.median / median) if base else "n/a"
+                ratio = _fmt_ratio(base.per_op / got.per_op) if base else "n/a"
                 mine = run.get(group, {}).get(ours) if ours else None
-                versus = _fmt_ratio(mine.median / median) if mine else "n/a"
+                versus = _fmt_ratio(mine.per_op / got.per_op) if mine else "n/a"
                 row += [_fmt_time(median), _fmt_time(median / ops), f"{ops / median:,.0f}", ratio,
                         versus]
             rows.append(row)
