@@ -119,6 +119,7 @@ def test_echo(benchmark: Any, c_programs: dict[str, str], kind: str, conns: int)
         if kind == "uvloop-protocol":
             benchmark.extra_info["reference"] = True  # the yardstick
         benchmark.extra_info["messages_per_round"] = messages
+        benchmark.extra_info["ops_per_round"] = messages  # report.py: per message, msgs/s
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
         benchmark.extra_info["msgs_per_s"] = sorted(rates)[len(rates) // 2]
     finally:
