@@ -66,7 +66,7 @@ KERNEL61 ?= $(firstword $(wildcard ../shared/tools/kernel-6.1/run-on-6.1 /work/s
 test-kernel-6.1: setup
 	@if [ -z "$(KERNEL61)" ]; then \
 	    echo "test-kernel-6.1: run-on-6.1 not found (set KERNEL61=/path/to/run-on-6.1)" >&2; exit 1; fi
-	SAFERRING_KERNEL_GUEST=1 $(KERNEL61) --dir "$(CURDIR)" --timeout 1800 -- \
+	SAFERRING_KERNEL_GUEST=1 $(KERNEL61) --dir "$(CURDIR)" --timeout 3600 -- \
 	    .venv/bin/python -m pytest -q -p no:cacheprovider -m 'not slow' tests
 
 # The external load generators the benchmarks compare against: wrk (HTTP) and fio (reads).
