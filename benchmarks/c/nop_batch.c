@@ -15,35 +15,13 @@
  * and exits 0, or prints what went wrong and exits 1.
  */
 #define _GNU_SOURCE
+#define BENCH_PROG "nop_batch"
 #include <liburing.h>
+#include "bench.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static double now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static long arg(const char *text, const char *what)
-{
-    char *end;
-    long v = strtol(text, &end, 10);
-    if (*text == '\0' || *end != '\0' || v < 0) {
-        fprintf(stderr, "nop_batch: %s must be a non-negative integer, got %s\n", what, text);
-        exit(2);
-    }
-    return v;
-}
 
 /* One batch; returns 0, or -1 after printing what went wrong. */
 static int one_batch(struct io_uring *ring, unsigned batch, struct io_uring_cqe **cqes)

@@ -19,9 +19,11 @@
  * and exits 0, or prints what went wrong and exits 1.
  */
 #define _GNU_SOURCE
+#define BENCH_PROG "read_qd"
 #include <errno.h>
 #include <fcntl.h>
 #include <liburing.h>
+#include "bench.h"
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,51 +31,6 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
-
-static double now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static long arg(const char *text, const char *what)
-{
-    char *end;
-    long v = strtol(text, &end, 10);
-    if (*text == '\0' || *end != '\0' || v < 0) {
-        fprintf(stderr, "read_qd: %s must be a non-negative integer, got %s\n", what, text);
-        exit(2);
-    }
-    return v;
-}
-
-static void *load(const char *path, size_t size)
-{
-    void *data = malloc(size);
-    int fd = open(path, O_RDONLY);
-    if (!data || fd < 0) {
-        fprintf(stderr, "read_qd: %s: %s\n", path, strerror(errno));
-        exit(1);
-    }
-    size_t got = 0;
-    while (got < size) {
-        ssize_t n = read(fd, (char *)data + got, size - got);
-        if (n <= 0) {
-            fprintf(stderr, "read_qd: %s holds fewer than %zu bytes\n", path, size);
-            exit(1);
-        }
-        got += n;
-    }
-    close(fd);
-    return data;
-}
 
 struct job {
     struct io_uring ring;
