@@ -55,14 +55,13 @@ def _by_release(items: Sequence[tuple[str, str]], present: frozenset[str] | set[
         groups.setdefault(release, []).append(name.lower() if name in present else f"-{name.lower()}")
     rows: list[tuple[str, str]] = []
     for release in sorted(groups, key=lambda r: tuple(int(x) for x in r.split("."))):
-        line = ""
+        lines = [""]
         for word in groups[release]:
-            if line and len(line) + 1 + len(word) > width:
-                rows.append((release if not rows or rows[-1][0].strip() != release else "", line))
-                line = word
+            if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+                lines.append(word)
             else:
-                line = f"{line} {word}" if line else word
-        rows.append((release if not any(r[0] == release for r in rows) else "", line))
+                lines[-1] = f"{lines[-1]} {word}" if lines[-1] else word
+        rows += [(release if i == 0 else "", line) for i, line in enumerate(lines)]
     return rows
 
 
