@@ -165,7 +165,10 @@ class BufferOps(OpsBase):
                 br._kernel_took = True
             else:
                 br._ring_map = br._ring_export = None
-                if rc != -errno.EINVAL or mode == "ring":
+                # "auto" falls back to PROVIDE_BUFFERS when the kernel has no buffer rings
+                # (EINVAL) and when it will not pin the ring of entries (ENOMEM: recent kernels
+                # charge it to RLIMIT_MEMLOCK); provided buffers pin nothing.
+                if mode == "ring" or rc not in (-errno.EINVAL, -errno.ENOMEM):
                     if rc == -errno.EINVAL:
                         raise UnsupportedOperationError(
                             "provided buffer rings (IORING_REGISTER_PBUF_RING) are not supported "

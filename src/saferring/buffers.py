@@ -480,18 +480,43 @@ class BufferPool(_Owner):
 
 
 def memlock_error(code: int, nbytes: int) -> Exception:
-    """The error for a failed buffer registration: ENOMEM says which limit to raise."""
+    """The error for a failed buffer registration: ENOMEM says which limit to raise.
+
+    Without ``CAP_IPC_LOCK`` (checked when the ring was created), the kernel counts every page
+    it pins for io_uring (registered buffers; on recent kernels also buffer rings and the
+    ring's own queues) against ``RLIMIT_MEMLOCK``, per user: the pages of all of that user's processes
+    add up.  The message gives the limit and where it is raised."""
     if code != errno.ENOMEM:
         return os_error(code, "io_uring_register_buffers")
     import resource
 
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    pages = -(-nbytes // PAGE)
+    if soft == resource.RLIM_INFINITY:
+        return MemlockLimitError(
+            f"the kernel could not pin {nbytes} bytes ({pages} page(s)) for a buffer "
+            "registration (ENOMEM), and RLIMIT_MEMLOCK is unlimited: the system (or its memory "
+            "cgroup) is short of memory; use fewer or smaller buffers.")
+    top = "unlimited" if hard == resource.RLIM_INFINITY else f"{hard} bytes"
+    limit = f"now {soft} bytes, hard limit {top}"
+    try:
+        # Bytes, not text: a process that changed its uid may no longer be able to import a
+        # codec module, and an error path must not fail on that.
+        with open("/proc/self/status", "rb") as f:
+            caps = next(line.split()[1] for line in f if line.startswith(b"CapEff:"))
+        has_ipc_lock: bool | None = bool(int(caps, 16) >> 14 & 1)  # CAP_IPC_LOCK
+    except (OSError, StopIteration, ValueError, IndexError):
+        has_ipc_lock = None
+    who = {True: "this process has CAP_IPC_LOCK, which exempts rings created with it: if this "
+                 "one was, the system is short of memory instead",
+           False: "this process lacks CAP_IPC_LOCK",
+           None: "for processes without CAP_IPC_LOCK"}[has_ipc_lock]
     return MemlockLimitError(
-        f"the kernel could not pin {nbytes} bytes of registered buffers (ENOMEM): registered "
-        f"buffers count against RLIMIT_MEMLOCK (now {limit}) for processes without "
-        "CAP_IPC_LOCK. Raise it (ulimit -l, LimitMEMLOCK= in a systemd unit, memlock in "
-        "/etc/security/limits.conf) or use fewer or smaller buffers.")
+        f"the kernel could not pin {nbytes} bytes ({pages} page(s)) for a buffer registration "
+        f"(ENOMEM): RLIMIT_MEMLOCK ({limit}) is too low. Pinned io_uring memory counts against "
+        f"it ({who}), per user: the pages of every ring and registration of this user's "
+        "processes add up. Raise it (ulimit -l, LimitMEMLOCK= in a systemd unit, memlock in "
+        "/etc/security/limits.conf), run with CAP_IPC_LOCK, or use fewer or smaller buffers.")
 
 
 class BufferRing(_Owner):

@@ -15,6 +15,7 @@ used for messages ("needs Linux 6.7") and docs, never to decide what is supporte
 from __future__ import annotations
 
 import dataclasses
+import errno
 import platform
 from collections.abc import Iterable
 
@@ -203,8 +204,13 @@ def kernel_can(name: str) -> bool:
             from ._uring import lib
         except ImportError:  # not built for / not on Linux: nothing is supported
             return False
-        answer = lib.sr_probe_capability(getattr(lib, constants[key])) == 1
-        _capability_answers[key] = answer  # a race computes the same answer twice: harmless
+        rc = lib.sr_probe_capability(getattr(lib, constants[key]))
+        answer = rc == 1
+        # A negative rc means the probe's own ring could not be created: remember that only
+        # when it cannot change (ENOSYS: no io_uring at all).  ENOMEM (a memlock limit raised
+        # later) or EPERM (a sysctl changed later) say nothing lasting about the kernel.
+        if rc >= 0 or rc == -errno.ENOSYS:
+            _capability_answers[key] = answer  # a race computes the same answer twice: harmless
     return answer
 
 

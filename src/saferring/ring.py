@@ -845,10 +845,14 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
 
     def _prep_batch_rest(self, batch: Any, count: int, prep: Any, args: Any) -> None:
         """The SQ (or the kernel) did not take the whole batch at once: reap and go on."""
+        # Give up only after many reaps in a row that let no SQE in: a long batch on a tiny
+        # ring (or one held to the CQ's size before 5.5) needs a reap per few SQEs, and that
+        # is progress, not failure.
         failures = 0
         while batch.prepared < count:
             rc = prep(self._c, batch, count - batch.prepared, *args)
             if rc > 0:
+                failures = 0
                 continue
             failures += 1
             if -rc not in _RETRYABLE or failures > 1000:
@@ -1477,24 +1481,126 @@ _FLAG_SINCE = {"SQPOLL": "5.1", "SINGLE_ISSUER": "6.0", "COOP_TASKRUN": "5.19",
 
 
 def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
-                 sq_thread_idle: int | None, cq_entries: int | None) -> Exception:
-    """The exception for a failed io_uring_setup, saying why and what to change."""
+                 sq_thread_idle: int | None, cq_entries: int | None, *,
+                 proc: str = "/proc") -> Exception:
+    """The exception for a failed io_uring_setup, saying why and what to change.
+
+    EPERM, ENOSYS and ENOMEM have several possible causes, told apart by what the system shows
+    under ``proc`` (tests point it at a copy): the io_uring sysctls, this process's seccomp mode
+    and capabilities, and its resource limits.  Nothing read there is trusted beyond choosing
+    the words of the message; anything unreadable is left out of it.
+    """
+
+    def read(name: str) -> str | None:
+        # Bytes, decoded by the interpreter's built-in UTF-8 codec: a process that changed its
+        # uid may no longer be able to import codec modules, and an error path must not fail.
+        try:
+            with open(os.path.join(proc, name), "rb") as f:
+                return f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+
+    status: dict[str, str] = {}
+    for line in (read("self/status") or "").splitlines():
+        key, _, value = line.partition(":")
+        status[key] = value.strip()
+
+    def has_cap(bit: int) -> bool | None:
+        try:
+            return bool(int(status["CapEff"], 16) >> bit & 1)
+        except (KeyError, ValueError):
+            return None
+
+    filters = status.get("Seccomp_filters", "1")
+    seccomp = (f"this process runs under {filters} seccomp filter(s) (/proc/self/status)"
+               if status.get("Seccomp") == "2" else None)
+
     if code == errno.ENOSYS:
+        if seccomp is not None:
+            # A filter may answer ENOSYS for a syscall the kernel has (some container runtimes
+            # do, so that programs fall back as they would on an old kernel).
+            return UnsupportedPlatformError(
+                f"io_uring_setup answered ENOSYS, and {seccomp}: a filter that refuses "
+                "io_uring with ENOSYS is the likely cause (allow io_uring_setup, io_uring_enter "
+                "and io_uring_register in its profile); otherwise this kernel has no io_uring "
+                "(saferring needs Linux 5.1+ built with CONFIG_IO_URING)")
         return UnsupportedPlatformError(
             "this kernel has no io_uring (io_uring_setup: ENOSYS); saferring needs Linux 5.1+ "
             "built with CONFIG_IO_URING")
     if code == errno.EPERM:
-        return PermissionError(
-            errno.EPERM,
-            "io_uring_setup was refused (EPERM): io_uring is disabled for this process. Check "
-            "the sysctl kernel.io_uring_disabled (0: allowed, 1: only members of "
-            "kernel.io_uring_group, 2: nobody) and any seccomp filter (container runtimes "
-            "often block io_uring); sqpoll on kernels before 5.11 also needs root")
+        # The kernel's rule (io_uring_allowed()): disabled=2 refuses everyone; disabled=1
+        # admits CAP_SYS_ADMIN and members of kernel.io_uring_group (-1: no group).  A seccomp
+        # filter refuses the call before the kernel looks at the sysctl, and a security module
+        # can refuse it as well.
+        disabled = read("sys/kernel/io_uring_disabled")
+        group = read("sys/kernel/io_uring_group")
+        elsewhere = (f"{seccomp}, which most likely refused it (container runtimes often block "
+                     "io_uring: allow io_uring_setup, io_uring_enter and io_uring_register in the "
+                     "profile)" if seccomp is not None else
+                     "no seccomp filter is active, so a security module (SELinux, AppArmor...) or "
+                     "another policy refused it")
+        if disabled is None:
+            why = ("this kernel has no sysctl kernel.io_uring_disabled (it came in Linux 6.6), "
+                   f"so that is not the cause; {elsewhere}")
+        elif disabled == "2":
+            why = ("the sysctl kernel.io_uring_disabled is 2: io_uring is disabled for every "
+                   "process on this system (0 allows it, 1 allows CAP_SYS_ADMIN and members of "
+                   "kernel.io_uring_group)")
+        elif disabled == "1":
+            try:
+                gid = int(group) if group is not None else -1
+            except ValueError:
+                gid = -1
+            member = gid >= 0 and (gid == os.getegid() or gid in os.getgroups())
+            if has_cap(21) or member:  # CAP_SYS_ADMIN
+                why = ("the sysctl kernel.io_uring_disabled is 1, which admits this process "
+                       f"(CAP_SYS_ADMIN, or member of kernel.io_uring_group {gid}); {elsewhere}")
+            else:
+                named = (f"the group kernel.io_uring_group ({gid})" if gid >= 0 else
+                         "kernel.io_uring_group, which is -1 (no group)")
+                why = ("the sysctl kernel.io_uring_disabled is 1: io_uring is only for processes "
+                       f"with CAP_SYS_ADMIN or in {named}, and this process is neither (join "
+                       "that group, or set the sysctl to 0)")
+        elif disabled == "0":
+            why = ("the sysctl kernel.io_uring_disabled is 0 (io_uring allowed), so that is not "
+                   f"the cause; {elsewhere}")
+        else:
+            why = f"the sysctl kernel.io_uring_disabled is {disabled!r}; {elsewhere}"
+        if any(name == "SQPOLL" for name, _bit in requested):
+            why += "; sqpoll on kernels before 5.11 also needs root (CAP_SYS_ADMIN)"
+        return PermissionError(errno.EPERM, f"io_uring_setup was refused (EPERM): {why}")
     if code == errno.ENOMEM:
-        return OSError(
-            errno.ENOMEM,
-            "io_uring_setup: out of memory. Kernels before 5.12 charge rings to RLIMIT_MEMLOCK: "
-            "raise it (ulimit -l) or ask for fewer entries")
+        import resource
+
+        def limit(which: int) -> str | None:
+            soft, hard = resource.getrlimit(which)
+            if soft == resource.RLIM_INFINITY:
+                return None
+            top = "unlimited" if hard == resource.RLIM_INFINITY else f"{hard} bytes"
+            return f"now {soft} bytes, hard limit {top}"
+
+        causes = []
+        memlock = limit(resource.RLIMIT_MEMLOCK)
+        if memlock is not None and has_cap(14) is not True:  # CAP_IPC_LOCK
+            # For processes without CAP_IPC_LOCK, kernels before 5.12 charge a ring's memory
+            # to RLIMIT_MEMLOCK, and so do recent ones (6.18 refuses Ring(8) under a zero
+            # limit; 6.1 does not).  The count is per user.
+            causes.append(
+                f"RLIMIT_MEMLOCK ({memlock}): this process lacks CAP_IPC_LOCK, and the kernel "
+                "may charge the ring's memory to that limit, counted for all of this user's "
+                "processes (raise it: ulimit -l, LimitMEMLOCK= in a systemd unit, memlock in "
+                "/etc/security/limits.conf)")
+        address_space = limit(resource.RLIMIT_AS)
+        if address_space is not None:
+            causes.append(f"RLIMIT_AS ({address_space}): mapping the queues into this process "
+                          "counts against it (raise it: ulimit -v)")
+        what = f"io_uring_setup: no memory for a ring of {entries} entries (ENOMEM)"
+        if not causes:
+            return OSError(errno.ENOMEM, f"{what}: no resource limit of this process applies, "
+                                         "so the system (or its memory cgroup) is short of "
+                                         "memory; ask for fewer entries")
+        return OSError(errno.ENOMEM, f"{what}. Limits that can refuse it here: "
+                                     f"{'; '.join(causes)}. Or ask for fewer entries")
     if code == errno.EINVAL and (requested or cq_entries):
         # Find which requested flag the kernel rejects by trying each alone.
         trial = ffi.new("sr_ring *")
