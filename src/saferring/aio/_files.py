@@ -38,6 +38,7 @@ import io
 import mmap
 import os
 import stat as _stat
+import warnings
 from asyncio.events import _get_running_loop
 from collections import deque
 from collections.abc import AsyncIterator, Generator, Iterable
@@ -198,12 +199,11 @@ class AsyncFile(_Lines[bytes]):
                     break
                 # Not _until_done(): if this task is cancelled, its _abandon() would replace
                 # the cancelled call's salvage (which applies the result and clears _pending).
-                fut = aring._loop.create_future()
-                aring._futures[op._ud] = fut
+                fut = aring._add_waiter(op)
                 try:
                     await fut
                 except asyncio.CancelledError:
-                    aring._futures.pop(op._ud, None)
+                    aring._drop_waiter(op, fut)
                     raise
         except BaseException:
             self._leave()
@@ -599,8 +599,6 @@ class AsyncFile(_Lines[bytes]):
         if getattr(self, "_closed", True) or not getattr(self, "_closefd", False):
             return
         self._closed = True
-        import warnings
-
         warnings.warn(f"unclosed file {self!r}", ResourceWarning, stacklevel=2, source=self)
         try:
             if self._wbuf and self._pending is None:

@@ -61,7 +61,10 @@ _MSG_DONTWAIT = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
 def _get_ring(ring: AsyncRing | None) -> AsyncRing:
+    """``ring``, checked to belong to the running loop (WrongLoopError otherwise), or the
+    running loop's shared ring."""
     if ring is not None:
+        ring._check_loop()
         return ring
     from . import get_ring
 
@@ -799,6 +802,7 @@ async def open_connection(host: str | None = None, port: int | None = None, *,
                           **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """``(reader, writer)`` for a connection to ``host``:``port``, as
     :func:`asyncio.open_connection` returns, over a :class:`RingTransport`."""
+    ring = _get_ring(ring)  # WrongLoopError before anything is made
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -814,6 +818,7 @@ async def start_server(client_connected_cb: Callable[[asyncio.StreamReader, asyn
                        **kwargs: Any) -> Server:
     """Serve ``client_connected_cb(reader, writer)`` for each connection, as
     :func:`asyncio.start_server` does, over :class:`RingTransport` connections."""
+    ring = _get_ring(ring)  # WrongLoopError before anything is made
     loop = asyncio.get_running_loop()
 
     def factory() -> asyncio.StreamReaderProtocol:

@@ -167,7 +167,7 @@ class AsyncRing:
     """
 
     __slots__ = ("__weakref__", "_closer", "_closing", "_dispatching", "_fd", "_futures", "_idle", "_inline",
-                 "_kept", "_loop", "_nowait_buf", "_orphans", "_ring", "_scheduled",
+                 "_kept", "_loop", "_more_waiters", "_nowait_buf", "_orphans", "_ring", "_scheduled",
                  "_settle_waiters", "_thread", "_transport_buffers", "_unsettled", "_watchers")
 
     def __init__(self, entries: int = 256, *, submit: str = "inline", **options: Any) -> None:
@@ -180,6 +180,10 @@ class AsyncRing:
         self._loop = loop
         self._inline = submit == "inline"
         self._futures: dict[int, asyncio.Future[None]] = {}
+        # Tasks beyond the first awaiting the same operation (two tasks in aring.run(op), an
+        # AsyncMultishot's aclose() while another task iterates): each has a future of its own,
+        # so cancelling one task never cancels what another waits on.  Rarely non-empty.
+        self._more_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._orphans: dict[int, tuple[_Salvage | None, tuple[Any, ...]]] = {}
         self._kept: dict[int, _Kept] = {}
         # A cancelled receive or accept still in the kernel, by descriptor: the next receive
@@ -222,6 +226,8 @@ class AsyncRing:
             return
         if ready:
             self._dispatch(ready)
+            if ring.closed:  # a completion callback closed the ring: nothing left to do
+                return
         if self._scheduled or ring._buffer_work or lib.sr_sq_pending(ring._c):
             # Requests were queued while completions were handled: replies a transport's
             # protocol wrote, receives re-armed after running out of buffers (written from
@@ -242,10 +248,15 @@ class AsyncRing:
         futures = self._futures
         orphans = self._orphans
         watchers = self._watchers
+        more = self._more_waiters
         self._dispatching = True
         try:
             for op in ready:
                 fut = futures.pop(op._ud, None)
+                if more:
+                    for other in more.pop(op._ud, ()):
+                        if not other.done():
+                            other.set_result(None)
                 if fut is not None:
                     if not fut.done():
                         fut.set_result(None)
@@ -315,15 +326,40 @@ class AsyncRing:
         If the task is cancelled meanwhile, ``salvage(self, op, *args)`` runs once the operation
         has ended (at once if it already has); ``cancel=False`` lets the request run to its end
         instead of asking the kernel to cancel it."""
-        futures = self._futures
         while op._res is None:
-            fut = self._loop.create_future()
-            futures[op._ud] = fut
+            fut = self._add_waiter(op)
             try:
                 await fut
             except CancelledError:
+                if self._drop_waiter(op, fut):
+                    # Another task still awaits this operation: it goes on for that task,
+                    # which gets its result; nothing is cancelled or handed on.
+                    raise
                 self._abandon(op, salvage, args, cancel)
                 raise
+
+    def _add_waiter(self, op: Operation[Any]) -> asyncio.Future[None]:
+        """A future the completion path resolves when ``op`` produces a value or ends."""
+        fut = self._loop.create_future()
+        first = self._futures.get(op._ud)
+        if first is None or first.done():
+            self._futures[op._ud] = fut
+        else:
+            self._more_waiters.setdefault(op._ud, []).append(fut)
+        return fut
+
+    def _drop_waiter(self, op: Operation[Any], fut: asyncio.Future[None]) -> bool:
+        """Forget ``fut`` (its task was cancelled); True if another task still awaits ``op``."""
+        ud = op._ud
+        if self._futures.get(ud) is fut:
+            del self._futures[ud]
+        others = self._more_waiters.get(ud)
+        if others is not None:
+            others[:] = [f for f in others if f is not fut and not f.done()]
+            if not others:
+                del self._more_waiters[ud]
+        first = self._futures.get(ud)
+        return (first is not None and not first.done()) or ud in self._more_waiters
 
     def _submit_soon(self) -> None:
         """Hand what is queued to the kernel: now (inline) or at the end of this iteration."""
@@ -336,7 +372,6 @@ class AsyncRing:
                  cancel: bool = True) -> None:
         """The awaiting task was cancelled: cancel the kernel request (its pins stay until its
         final CQE) and hand on what it did once it ends."""
-        self._futures.pop(op._ud, None)
         if op._res is not None:  # it finished before the task could resume
             if salvage is not None:
                 salvage(self, op, *args)
@@ -386,7 +421,8 @@ class AsyncRing:
     def _ring_closed(self) -> None:
         """Called by ``Ring.close()``: every operation has ended; wake whoever awaited one."""
         futures, self._futures = self._futures, {}
-        for fut in futures.values():
+        more, self._more_waiters = self._more_waiters, {}
+        for fut in [*futures.values(), *(f for fs in more.values() for f in fs)]:
             if not fut.done():
                 try:
                     fut.set_result(None)
@@ -768,12 +804,11 @@ class AsyncMultishot(Generic[V]):
                     op.result()  # raises the error (or the cancellation)
                 raise StopAsyncIteration
             aring._check_loop()
-            fut = aring._loop.create_future()
-            aring._futures[op._ud] = fut
+            fut = aring._add_waiter(op)
             try:
                 await fut
             except CancelledError:
-                aring._futures.pop(op._ud, None)  # the values stay with the operation
+                aring._drop_waiter(op, fut)  # the values stay with the operation
                 raise
 
     def take(self) -> list[V]:
@@ -794,12 +829,11 @@ class AsyncMultishot(Generic[V]):
             aring = self._aring
             aring._check_loop()
             while op._res is None:
-                fut = aring._loop.create_future()
-                aring._futures[op._ud] = fut
+                fut = aring._add_waiter(op)
                 try:
                     await fut
                 except CancelledError:
-                    aring._futures.pop(op._ud, None)
+                    aring._drop_waiter(op, fut)
                     raise
 
     async def __aenter__(self) -> AsyncMultishot[V]:
