@@ -113,9 +113,17 @@ class BufferOps(OpsBase):
     def _detach_pool(self, pool: BufferPool) -> None:
         if self._pool is not pool:
             return
+        def pinned(pins: Any) -> Any:
+            # An operation pins one object, or a tuple/list of them; a batch of fixed-buffer
+            # requests pins the list of its Buffers inside its tuple.
+            if type(pins) is tuple or type(pins) is list:
+                for pin in pins:
+                    yield from pinned(pin)
+            else:
+                yield pins
+
         for op in list(self._registry.values()):
-            pins = op._pins
-            for pin in pins if type(pins) is tuple or type(pins) is list else (pins,):
+            for pin in pinned(op._pins):
                 if type(pin) is Buffer and pin._owner is pool:
                     raise BufferBusyError("a buffer of this pool is still in flight; wait for it "
                                           "(or cancel it) first")
@@ -353,6 +361,37 @@ class BufferOps(OpsBase):
             op._starved = True
             self._deferred.append(op)
             self._buffer_work = True
+
+    def _cancel_waiting(self, fd: int | None) -> None:
+        """End the requests that wait for a buffer (or for a chain to close) and have nothing in
+        the kernel, which a kernel cancel by descriptor or of everything cannot find: those on
+        the file ``fd`` refers to, or all of them (``fd`` None)."""
+        waiting = [op for br in self._groups.values() for op in br._starved]
+        waiting += [op for op in self._deferred if op not in waiting]
+        if fd is not None:
+            # Such a request holds a duplicate of the caller's descriptor: compare files.
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return
+            target = (st.st_dev, st.st_ino)
+
+            def same_file(op: Any) -> bool:
+                args = getattr(op, "_args", None)
+                if not isinstance(op, SelectedBuffersOperation) or not args or args[1] < 0:
+                    return False
+                try:
+                    other = os.fstat(args[1])
+                except OSError:
+                    return False
+                return (other.st_dev, other.st_ino) == target
+
+            waiting = [op for op in waiting if same_file(op)]
+        for op in waiting:
+            if op._res is None and getattr(op, "_starved", False):
+                op._cancel = True
+                self._cancelled.add(op._ud)
+                self._finish_starved(op)
 
     def _finish_starved(self, op: Any) -> None:
         """Cancel a request that waits for a buffer: it has nothing in the kernel.

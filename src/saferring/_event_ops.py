@@ -291,19 +291,28 @@ class EventOps(OpsBase):
     def cancel_fd(self, fd: Any, *, all: bool = True) -> CancelOperation:
         """Queue a cancel of the requests on ``fd`` (Linux 5.19); ``all=False``: only the first.
 
-        The result is how many were found (0 if none).  Each ends with its own final CQE.
+        The result is how many were found (0 if none).  Each ends with its own final CQE.  With
+        ``all=True``, receives on ``fd`` that wait for a buffer to come back (nothing of them is
+        in the kernel) end at once, CANCELLED, and are not counted.
         """
         fd, fixed = self._fd(fd)
         flags = _CANCEL_FD | (_CANCEL_ALL if all else 0) | (_CANCEL_FD_FIXED if fixed else 0)
-        return self._cancel_request(0, flags, fd, counting=all)
+        request = self._cancel_request(0, flags, fd, counting=all)
+        if all and not fixed:
+            self._cancel_waiting(fd)
+        return request
 
     @_exclusive
     def cancel_all(self) -> CancelOperation:
         """Queue a cancel of every request in flight (Linux 5.19); the result is how many.
 
         (This is the kernel's ``IORING_ASYNC_CANCEL_ANY``, which matches every request; there
-        is no "cancel just one of them".)"""
-        return self._cancel_request(0, _CANCEL_ANY | _CANCEL_ALL, counting=True)
+        is no "cancel just one of them".)  Requests that wait for a buffer to come back (a
+        receive whose buffer ring ran dry: nothing of it is in the kernel) end at once, CANCELLED,
+        and are not counted."""
+        request = self._cancel_request(0, _CANCEL_ANY | _CANCEL_ALL, counting=True)
+        self._cancel_waiting(None)
+        return request
 
     # -- chains ----------------------------------------------------------------------------
 

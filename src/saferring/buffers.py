@@ -25,6 +25,7 @@ import collections
 import enum
 import errno
 import mmap
+import platform
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,32 @@ def _positive(value: Any, name: str, limit: int) -> int:
     return value
 
 
+#: MADV_WIPEONFORK (Linux 4.14), which Python's mmap module does not name: 18 in the generic
+#: <asm-generic/mman-common.h> that these architectures use.
+_MADV_WIPEONFORK = 18
+_GENERIC_MMAN = ("x86_64", "aarch64", "i686", "i386", "armv7l", "armv8l", "riscv64", "s390x",
+                 "ppc64le", "ppc64", "loongarch64")
+
+
+def _private_map(length: int) -> mmap.mmap:
+    """Anonymous memory for buffers the kernel uses, private to this process and zero-filled in
+    a forked child.
+
+    Not shared (mmap's default): a forked child's writes would reach the parent's buffers, and
+    its releases the parent's buffer ring, which the kernel reads to pick where to write.  Not
+    plainly private either: fork would make the parent's pages copy-on-write, and kernels before
+    5.9 resolve that against the parent (its next write moves it off the page the kernel has
+    pinned).  Wiped on fork, the child gets fresh zero pages and the parent's stay as they are.
+    """
+    m = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if platform.machine() in _GENERIC_MMAN:
+        try:
+            m.madvise(_MADV_WIPEONFORK)
+        except OSError:
+            pass  # (not on this kernel: the child gets a copy-on-write copy)
+    return m
+
+
 class _Slab:
     """``count`` buffers of ``size`` bytes, each its own page-aligned anonymous mapping.
 
@@ -82,7 +109,7 @@ class _Slab:
         self.size = size
         self.stride = -(-size // PAGE) * PAGE
         try:
-            self.maps = [mmap.mmap(-1, self.stride) for _ in range(count)]
+            self.maps = [_private_map(self.stride) for _ in range(count)]
         except OSError as exc:
             raise MemoryError(f"could not map {count} buffer(s) of {size} bytes: {exc}") from None
         self._exports = [ffi.from_buffer(m) for m in self.maps]
@@ -578,7 +605,7 @@ class BufferRing(_Owner):
     def _map_ring(self) -> int:
         """Map the kernel-shared ring of entries (page-aligned, zeroed: tail 0)."""
         length = -(-self._entries * _BUF_ENTRY // PAGE) * PAGE
-        self._ring_map = mmap.mmap(-1, length)
+        self._ring_map = _private_map(length)
         self._ring_export = ffi.from_buffer(self._ring_map)
         self._ring_addr = int(ffi.cast("uintptr_t", self._ring_export))
         return self._ring_addr

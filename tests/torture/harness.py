@@ -78,6 +78,42 @@ class Canaries:
                 if len(b) != self.size or hashlib.blake2b(b, digest_size=16).digest() != d]
 
 
+class CCanaries:
+    """Canaries for memory cffi owns (C copies of paths, timespecs, iovec arrays, msghdrs,
+    ``struct statx``...): cffi takes it from C ``malloc``, which bytearray canaries (CPython's
+    small-object allocator) never reuse.  :meth:`spray` makes objects of the very C type and
+    length of a dropped pin, so ``malloc`` hands them its memory if the pin was wrongly freed,
+    and fills them with a pattern; :meth:`changed` counts those that changed."""
+
+    def __init__(self, seed: int) -> None:
+        self.objs: list[Any] = []
+        self.want: list[bytes] = []
+        self.seed = seed
+
+    def spray(self, ctype: str, length: int | None = None, count: int = 128) -> None:
+        """Allocate ``count`` C objects of ``ctype`` (``length`` items for arrays), patterned."""
+        from saferring.unsafe import ffi
+
+        for _ in range(count):
+            obj = ffi.new(ctype) if length is None else ffi.new(ctype, length)
+            raw = ffi.buffer(obj)
+            raw[:] = Canaries._pattern(len(raw), self.seed + len(self.objs))
+            self.objs.append(obj)
+            self.want.append(raw[:])
+
+    def changed(self) -> int:
+        """How many of the C canaries no longer hold their pattern."""
+        from saferring.unsafe import ffi
+
+        return sum(1 for obj, want in zip(self.objs, self.want, strict=True)
+                   if ffi.buffer(obj)[:] != want)
+
+    def check(self) -> None:
+        """Fail now if a C canary changed (a late kernel write into freed memory)."""
+        bad = self.changed()
+        assert not bad, f"{bad} C canar{'y' if bad == 1 else 'ies'} changed: freed memory was written"
+
+
 class Context:
     """What a scenario gets: tracked rings and descriptors, canaries, and exception checks."""
 
@@ -87,6 +123,7 @@ class Context:
         self.fds: list[int] = []
         self.sockets: list[socket.socket] = []
         self.canaries: list[Canaries] = []
+        self.c_canary_sets: list[CCanaries] = []
         self._seed = 1000
 
     # -- resources the harness checks and cleans up ----------------------------------------
@@ -126,8 +163,17 @@ class Context:
         self.canaries.append(c)
         return c
 
+    def c_canaries(self) -> CCanaries:
+        """A new set of C canaries (:class:`CCanaries`), also checked at the end."""
+        c = CCanaries(self._seed)
+        self._seed += 100_000
+        self.c_canary_sets.append(c)
+        return c
+
     def check_canaries(self) -> None:
         """Fail now if any canary made so far has changed."""
+        for cc in self.c_canary_sets:
+            cc.check()
         for c in self.canaries:
             bad = c.changed()
             assert not bad, (f"{len(bad)} canar{'y' if len(bad) == 1 else 'ies'} of {c.size} "
