@@ -1,9 +1,10 @@
 """Linked requests: ``with ring.chain(): ...``.
 
 io_uring runs a chain of linked SQEs (``IOSQE_IO_LINK``) one after the other, each starting only
-when the previous one succeeded; if one fails (or, with ``hard=True``, only if it is cancelled),
-the rest end with ``-ECANCELED``.  The kernel reads the chain from the SQ in one submission, and
-a chain cut in two by a submission boundary is *two* chains.  So while a chain is open nothing
+when the previous one succeeded; if one fails, the rest end with ``-ECANCELED``.  With
+``hard=True`` the chain goes on after a failure, a cancellation included.  The kernel reads
+the chain from the SQ in one submission, and a chain cut in two by a submission boundary is
+*two* chains.  So while a chain is open nothing
 reaches the kernel: C writes each SQE with the link flag without flushing the SQ, ``submit``/
 ``wait``/``run``/``cancel`` refuse with :class:`~saferring.OperationStateError`, a chain that
 outgrows the SQ raises ``ValueError``, and leaving the block removes the link flag from the last

@@ -19,7 +19,7 @@ from ._chain import Chain
 from ._guard import _exclusive
 from ._ops_base import OpsBase, addr_of
 from .constants import FUTEX2_PRIVATE, FUTEX2_SIZE_U32, FUTEX_BITSET_MATCH_ANY
-from .errors import OperationStateError, UnsupportedOperationError, os_error
+from .errors import ForkedRingError, OperationStateError, UnsupportedOperationError, os_error
 from .features import OP, OPCODES, kernel_can
 from .fixed import FixedFile
 from .operation import (
@@ -322,7 +322,9 @@ class EventOps(OpsBase):
         Each starts only once the previous one has completed; if one fails, the rest end
         CANCELLED (``-ECANCELED``).  For the kernel a short read, write, send or recv (fewer
         bytes than asked) is a failure too.  ``hard=True`` links with ``IOSQE_IO_HARDLINK``: the chain
-        goes on after failures, and only cancellation breaks it.  ``drain=True`` makes the chain
+        goes on after failures, a cancelled request's included (``cancel()`` and ``close()``
+        stop the request they reach, not the ones linked behind it; those still run, their
+        memory pinned as usual).  ``drain=True`` makes the chain
         wait for every request submitted before it (``IOSQE_IO_DRAIN``).  Nothing can be
         submitted or waited for while the chain is open.  See :mod:`saferring._chain`.
         """
@@ -385,6 +387,11 @@ class EventOps(OpsBase):
             target = found[0]
         if target._closed:
             raise OperationStateError("the target ring is closed")
+        if target._forked:
+            # The parent's ring: a child posting into it would hand the parent completions it
+            # never asked for (only close() is allowed on a forked ring).
+            raise ForkedRingError("the target ring belongs to the parent process; a forked "
+                                  "child must not post to it")
         fd = int(target._c.ring.ring_fd)
         value = _pinning.index(value, "value")
         if not 0 <= value <= _MAX_MESSAGE:
@@ -392,9 +399,15 @@ class EventOps(OpsBase):
         res = _pinning.index(res, "res")
         if not -(1 << 31) <= res < 1 << 31:
             raise ValueError(f"res must be a 32-bit signed int, got {res}")
-        op = self._plain_op("msg_ring", None)
+        from ._buffer_ops import _OwnedFd
+
+        # The request names the target by descriptor, resolved when the kernel runs it: hold a
+        # duplicate, so that if the target is closed meanwhile and its number reused by another
+        # ring, the message still goes to the ring it was meant for (which nobody reads).
+        owned = _OwnedFd(fd)
+        op = self._plain_op("msg_ring", owned)
         # addr = IORING_MSG_DATA (0); len carries res, off the target's user_data.
-        return self._queue_ext(op, OP["MSG_RING"], fd, 0, res & _MAX_U32,  # type: ignore[no-any-return]
+        return self._queue_ext(op, OP["MSG_RING"], owned.fd, 0, res & _MAX_U32,  # type: ignore[no-any-return]
                                UD_MESSAGE | value)
 
     # -- processes, futexes, epoll ---------------------------------------------------------

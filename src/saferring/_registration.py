@@ -8,6 +8,7 @@ owner-thread guard, and every kernel error is raised as the matching ``OSError``
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,12 +119,19 @@ class Registration(OpsBase):
         """Unregister the file table; every :class:`~saferring.FixedFile` of it becomes stale.
 
         Requests in flight on registered files keep their files open until they end; queued
-        ones are submitted first (see :meth:`update_files`).
+        ones are submitted first (see :meth:`update_files`).  Some kernels (seen on 6.1) make
+        this call wait until every request using the table has ended; a signal then interrupts
+        it with ``InterruptedError`` and the table stays registered, its handles valid.
         """
-        self._registered()
+        table = self._registered()
         self._before_table_change()
         self._files = None  # first: whatever the kernel says, the old handles must not be used
-        _check(lib.sr_unregister_files(self._c), "unregister_files")
+        rc = lib.sr_unregister_files(self._c)
+        if rc == -errno.EINTR:
+            # Interrupted while the kernel waited for the table's users: it is still
+            # registered, so the handles to it are still right.
+            self._files = table
+        _check(rc, "unregister_files")
 
     def _registered(self) -> FileTable:
         table = self._files
