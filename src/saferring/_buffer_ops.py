@@ -310,6 +310,19 @@ class BufferOps(OpsBase):
         if op.cancel_requested or br._closed or self._closed:
             if res == _NEG_ENOBUFS:
                 op._res = -errno.ECANCELED if op.cancel_requested else res
+            elif res > 0:
+                # Data in the final CQE of a request that is not going on (the kernel ended it
+                # because its CQE did not fit the CQ, say, just as it was cancelled): the data is
+                # kept, but the stream did not end, so the outcome is CANCELLED, not the
+                # COMPLETED that means end of stream.  Its buffer is now a value: _settle must
+                # not also hand it back.
+                if not op._rstate:
+                    self._list_ready(op)
+                    op._rstate = 1
+                    op._items.append((res, op._last_flags))
+                    op._arrived()
+                op._last_flags = 0
+                op._res = -errno.ECANCELED
             return False
         if res > 0 and not op._rstate:
             self._list_ready(op)
