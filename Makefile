@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-full bench-deps test-kernel-6.1 all demo test test-other-pythons bench lint typecheck setup system-deps clean
+.PHONY: bench-full bench-deps test-kernel-6.1 all demo test test-other-pythons bench lint typecheck setup system-deps clean memcheck soak
 
 all: test
 
@@ -68,6 +68,20 @@ test-kernel-6.1: setup
 	    echo "test-kernel-6.1: run-on-6.1 not found (set KERNEL61=/path/to/run-on-6.1)" >&2; exit 1; fi
 	SAFERRING_KERNEL_GUEST=1 $(KERNEL61) --dir "$(CURDIR)" --timeout 3600 -- \
 	    .venv/bin/python -m pytest -q -p no:cacheprovider -m 'not slow' tests
+
+# The torture scenarios and the safety tests under valgrind memcheck (tests/memcheck/memcheck.py
+# says what that covers and what it cannot see): fails on any invalid access, bad free or use
+# of uninitialised memory with a frame in saferring's extension, liburing or cffi.
+memcheck: setup
+	@command -v valgrind >/dev/null || { echo "valgrind missing: installing it with apt-get"; \
+	    $(SUDO) apt-get update && $(SUDO) apt-get install -y valgrind; }
+	$(PY) tests/memcheck/memcheck.py
+
+# The soak test (tests/soak): echo_server.py with 1,000 connections, 90 s per run
+# (make test runs it for 20 s).
+SOAK_SECONDS ?= 90
+soak: setup
+	SAFERRING_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -p no:cacheprovider -rxX tests/soak
 
 # The external load generators the benchmarks compare against: wrk (HTTP) and fio (reads).
 bench-deps:

@@ -140,7 +140,14 @@ class BufferOps(OpsBase):
             raise OperationStateError("create buffer rings outside a chain")
         groups = self._groups
         if group is None:
-            group = next(g for g in range(0x10000) if g not in groups)
+            # Ids go round instead of reusing the lowest free one: Linux 6.1 keeps a buffer
+            # ring's consumer head across unregistering it for ids below 64, so a new ring
+            # registered under a recently used id starts "empty" (head == tail) and every
+            # receive from it waits for ever (seen in the 6.1 guest).
+            start = self._group_next
+            group = next((start + i) & 0xFFFF for i in range(0x10000)
+                         if (start + i) & 0xFFFF not in groups)
+            self._group_next = (group + 1) & 0xFFFF
         elif group in groups:
             raise ValueError(f"buffer group {group} is already used on this ring")
         # The group is the ring's from now on, before the kernel hears of it: the ring keeps the

@@ -27,7 +27,7 @@ class OpsBase:
     """The parts of Ring the operation families build on (implemented in ring.py)."""
 
     # The state the families share lives here (the rest of Ring's slots are in ring.py).
-    __slots__ = ("_buffer_work", "_chain", "_deferred", "_files", "_groups", "_pool",
+    __slots__ = ("_buffer_work", "_chain", "_deferred", "_files", "_group_next", "_groups", "_pool",
                  "_ring_fd_registered")
 
     _chain: Chain | None
@@ -35,6 +35,7 @@ class OpsBase:
     _ring_fd_registered: bool
     _pool: BufferPool | None  # the registered buffer table's pool
     _groups: dict[int, BufferRing]  # provided buffer groups by id
+    _group_next: int  # where the search for a free group id starts (ids are not reused early)
     _buffer_work: bool  # buffers came back, or requests wait for one: see _service_buffers
     _deferred: list[Any]  # requests to arm again once the caller's chain is closed
     _driver: Any  # weakref to the AsyncRing driving the ring, or None

@@ -264,6 +264,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         self._files: FileTable | None = None
         self._pool = None
         self._groups = {}
+        self._group_next = 0
         self._buffer_work = False
         self._deferred = []
         if lib is None:
