@@ -39,7 +39,7 @@ typecheck: setup
 	$(PY) -m mypy
 
 test: setup lint typecheck
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/memcheck
 	$(MAKE) test-other-pythons
 
 # The core tests on the newest CPython this machine has (pyenv), and on the oldest supported
@@ -76,6 +76,7 @@ memcheck: setup
 	@command -v valgrind >/dev/null || { echo "valgrind missing: installing it with apt-get"; \
 	    $(SUDO) apt-get update && $(SUDO) apt-get install -y valgrind; }
 	$(PY) tests/memcheck/memcheck.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/memcheck
 
 # The soak test (tests/soak): echo_server.py with 1,000 connections, 90 s per run
 # (make test runs it for 20 s).

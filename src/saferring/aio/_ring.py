@@ -381,6 +381,10 @@ class AsyncRing:
             self._unsettled[args[0]] = op
         if cancel:
             cancel_quietly(op)
+            if op._res is not None:
+                # It ended inside cancel() (a receive waiting for a buffer has nothing in the
+                # kernel, so no CQE will come): have the next poll hand on what it did.
+                self._schedule()
 
     def _settled(self, op: Operation[Any], args: tuple[Any, ...]) -> None:
         """An orphaned receive or accept ended (and handed on what it did): wake the calls on
