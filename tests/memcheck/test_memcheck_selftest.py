@@ -114,7 +114,7 @@ def test_fork_server_runs_each_scenario_in_a_child_of_its_own() -> None:
     proc = subprocess.run([sys.executable, memcheck.FORK_RUNNER, "--module", SELFTEST_MODULE, *names],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = re.findall(r"^MEMCHECK-SCENARIO (\S+) pid=(\d+) status=(-?\d+|timeout) cpu=[\d.]+$",
+    lines = re.findall(r"^MEMCHECK-SCENARIO (\S+) pid=(\d+) status=(-?\d+|timeout) cpu=[\d.]+ wall=[\d.]+$",
                        proc.stdout, re.M)
     assert [(n, s) for n, _, s in lines] == [(n, "0") for n in names]
     pids = {int(p) for _, p, _ in lines}

@@ -10,7 +10,7 @@ the XML output, with its pid); the lines printed here map each child's pid to it
 
     MEMCHECK-BEGIN NAME
     ... the scenario's own output ...
-    MEMCHECK-SCENARIO NAME pid=PID status=STATUS cpu=SECONDS
+    MEMCHECK-SCENARIO NAME pid=PID status=STATUS cpu=SECONDS wall=SECONDS
 
 STATUS is harness.run's exit status (0 passed, 77 skipped, else failed; negative: killed by
 that signal), or ``timeout`` when the child was killed at the time limit.
@@ -39,9 +39,10 @@ def load_module(path: str) -> None:
     __import__(os.path.splitext(filename)[0])
 
 
-def run_forked(name: str, time_limit: float) -> tuple[int, str, float]:
-    """Run ``name`` in a forked child, in a process group of its own; its pid, status and the CPU
-    seconds it (and what it waited for) used.  Past ``time_limit`` the group is killed."""
+def run_forked(name: str, time_limit: float) -> tuple[int, str, float, float]:
+    """Run ``name`` in a forked child, in a process group of its own; its pid, status, and the CPU
+    seconds it (and what it waited for) used and the wall seconds it took.  Past ``time_limit``
+    the group is killed."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -56,7 +57,8 @@ def run_forked(name: str, time_limit: float) -> tuple[int, str, float]:
             # os._exit: the child must not run the parent's atexit handlers or unwind into the
             # loop below (it would go on to run the next scenario itself).
             os._exit(status)
-    deadline = time.monotonic() + time_limit
+    start = time.monotonic()
+    deadline = start + time_limit
     timed_out = False
     while True:
         done, wait_status, usage = os.wait4(pid, os.WNOHANG)
@@ -71,7 +73,7 @@ def run_forked(name: str, time_limit: float) -> tuple[int, str, float]:
                     pass
         time.sleep(0.05)
     status = "timeout" if timed_out else str(os.waitstatus_to_exitcode(wait_status))
-    return pid, status, usage.ru_utime + usage.ru_stime
+    return pid, status, usage.ru_utime + usage.ru_stime, time.monotonic() - start
 
 
 def main(args: list[str]) -> int:
@@ -92,8 +94,9 @@ def main(args: list[str]) -> int:
         return 2
     for name in names:
         print(f"MEMCHECK-BEGIN {name}", flush=True)
-        pid, status, cpu = run_forked(name, time_limit)
-        print(f"MEMCHECK-SCENARIO {name} pid={pid} status={status} cpu={cpu:.2f}", flush=True)
+        pid, status, cpu, wall = run_forked(name, time_limit)
+        print(f"MEMCHECK-SCENARIO {name} pid={pid} status={status} cpu={cpu:.2f} wall={wall:.2f}",
+              flush=True)
     return 0
 
 
