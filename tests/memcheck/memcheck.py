@@ -106,6 +106,7 @@ PYTEST_DESELECT: dict[str, tuple[str, ...]] = {
 TORTURE_DESELECT = (
     "keyboard_interrupt_during_wait_loses_nothing",         # SIGINT must interrupt the wait
     "keyboard_interrupt_during_run_iteration_and_close",    # the same, inside run() and close()
+    "interpreter_exit_with_thread_blocked_in_wait",         # the exit must run while it waits
 )
 #: CPU seconds under valgrind (this machine, ``-m "not slow"``), for scheduling longest first.
 PYTEST_COST = {"test_buffers.py": 300, "test_buffer_rings.py": 250, "test_misuse.py": 200,
