@@ -121,12 +121,6 @@ _EEXIST_MESSAGE = (
 _BATCH_TABLE = 4096  # SR_BATCH_TABLE in uring.c
 _NEG_ECANCELED = -errno.ECANCELED
 _NEG_EINTR = -errno.EINTR
-# ERESTARTSYS (512) to ERESTART_RESTARTBLOCK (516) are the kernel's internal "restart the system
-# call" codes; a request interrupted in an io-wq worker (a blocked splice cancelled, seen on
-# 6.18) can end with one in its CQE.  No program can restart a CQE: it is read as -EINTR (so
-# as CANCELLED after a cancel request), never as "Unknown error 512".
-_NEG_ERESTART_FIRST = -512
-_NEG_ERESTART_LAST = -516
 _F_MORE = 1 << 1  # IORING_CQE_F_MORE
 _LIBRARY_BUFFERS = (Buffer, BufferRing)  # read() targets that are not caller memory
 
@@ -1268,9 +1262,6 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
                         op._state = _COMPLETED
                     elif res == _NEG_ECANCELED or (res == _NEG_EINTR and ud in cancelled):
                         op._state = _CANCELLED
-                    elif _NEG_ERESTART_LAST <= res <= _NEG_ERESTART_FIRST:
-                        op._res = _NEG_EINTR  # see _NEG_ERESTART_FIRST
-                        op._state = _CANCELLED if ud in cancelled else _FAILED
                     else:
                         op._state = _FAILED
                     del registry[ud]
@@ -1380,8 +1371,6 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             return  # the request goes on (re-armed, or waiting for a buffer)
         op._settle()
         res = op._res if op._res is not None else 0
-        if _NEG_ERESTART_LAST <= res <= _NEG_ERESTART_FIRST:
-            res = op._res = _NEG_EINTR  # see _NEG_ERESTART_FIRST
         op._state = op._final_state(res) if res < 0 else _COMPLETED
         self._list_ready(op)
         if self._registry.get(op._ud) is op:
@@ -1403,9 +1392,6 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
                     op._state = _COMPLETED
                 elif res == _NEG_ECANCELED or (res == _NEG_EINTR and ud in cancelled):
                     op._state = _CANCELLED
-                elif _NEG_ERESTART_LAST <= res <= _NEG_ERESTART_FIRST:
-                    op._res = _NEG_EINTR  # see _NEG_ERESTART_FIRST
-                    op._state = _CANCELLED if ud in cancelled else _FAILED
                 else:
                     op._state = _FAILED
                 del registry[ud]

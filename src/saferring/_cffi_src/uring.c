@@ -643,6 +643,15 @@ int sr_prep_rw_blocks(sr_ring *r, sr_batch *b, unsigned count, int opcode, int f
     return i ? (int)i : err;
 }
 
+/* ERESTARTSYS (512) to ERESTART_RESTARTBLOCK (516) are the kernel's internal "restart the
+   system call" codes; a request interrupted in an io-wq worker (a blocked splice cancelled,
+   seen on 6.18) can end with one in its CQE.  Nothing can restart a CQE: it is -EINTR, which
+   Python reads as CANCELLED after a cancel request, never as "Unknown error 512". */
+static inline int32_t sr_cqe_res(const struct io_uring_cqe *cqe)
+{
+    return (cqe->res <= -512 && cqe->res >= -516) ? -EINTR : cqe->res;
+}
+
 static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *res, uint32_t *flags)
 {
     struct io_uring_cqe *cqe;
@@ -662,9 +671,9 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
             if (b) {
                 if (b->res[index] != SR_RES_PENDING)
                     continue; /* a member ends once; anything more is not a final CQE of ours */
-                b->res[index] = cqe->res;
-                if (cqe->res < 0 && !b->first_error) {
-                    b->first_error = cqe->res;
+                b->res[index] = sr_cqe_res(cqe);
+                if (b->res[index] < 0 && !b->first_error) {
+                    b->first_error = b->res[index];
                     b->first_error_index = index;
                 }
                 if (--b->remaining)
@@ -686,7 +695,7 @@ static unsigned sr_copy_cqes(sr_ring *r, unsigned cap, uint64_t *ud, int32_t *re
             continue;
         }
         ud[n] = cqe->user_data;
-        res[n] = cqe->res;
+        res[n] = sr_cqe_res(cqe);
         flags[n] = cqe->flags;
         n++;
     }
