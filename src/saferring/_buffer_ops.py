@@ -314,28 +314,23 @@ class BufferOps(OpsBase):
         # is res == 0.  A single recv/read (SelectedBufferOperation) ends with its data.
         if res != _NEG_ENOBUFS and (res <= 0 or type(op) is SelectedBufferOperation):
             return False
-        if op.cancel_requested or br._closed or self._closed:
-            if res == _NEG_ENOBUFS:
-                op._res = -errno.ECANCELED if op.cancel_requested else res
-            elif res > 0:
-                # Data in the final CQE of a request that is not going on (the kernel ended it
-                # because its CQE did not fit the CQ, say, just as it was cancelled): the data is
-                # kept, but the stream did not end, so the outcome is CANCELLED, not the
-                # COMPLETED that means end of stream.  Its buffer is now a value: _settle must
-                # not also hand it back.
-                if not op._rstate:
-                    self._list_ready(op)
-                    op._rstate = 1
-                    op._items.append((res, op._last_flags))
-                    op._arrived()
-                op._last_flags = 0
-                op._res = -errno.ECANCELED
-            return False
         if res > 0 and not op._rstate:
             self._list_ready(op)
             op._rstate = 1
             op._items.append((res, op._last_flags))
             op._arrived()
+        if op.cancel_requested or br._closed or self._closed:
+            if res == _NEG_ENOBUFS:
+                op._res = -errno.ECANCELED if op.cancel_requested else res
+            elif res > 0:
+                # Data in the final CQE of a request that is not going on (the kernel ended it
+                # because its CQE did not fit the CQ, say, just as it was cancelled): the data
+                # is kept (above), but the stream did not end, so the outcome is CANCELLED, not
+                # the COMPLETED that means end of stream.  Its buffer is now a value: _settle
+                # must not also hand it back.
+                op._last_flags = 0
+                op._res = -errno.ECANCELED
+            return False
         if res == _NEG_ENOBUFS and br._gen == op._armed_gen:
             # Nothing came back since the request was armed: wait for a buffer.
             op._res = None
