@@ -31,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from ._binding import ffi, lib
 from ._guard import _get_ident
-from .errors import BufferBusyError, MemlockLimitError, OperationStateError, os_error
+from .errors import (
+    BufferBusyError,
+    MemlockLimitError,
+    OperationStateError,
+    has_capability,
+    os_error,
+    process_status,
+)
 
 if TYPE_CHECKING:
     from .ring import Ring
@@ -526,14 +533,7 @@ def memlock_error(code: int, nbytes: int) -> Exception:
             "cgroup) is short of memory; use fewer or smaller buffers.")
     top = "unlimited" if hard == resource.RLIM_INFINITY else f"{hard} bytes"
     limit = f"now {soft} bytes, hard limit {top}"
-    try:
-        # Bytes, not text: a process that changed its uid may no longer be able to import a
-        # codec module, and an error path must not fail on that.
-        with open("/proc/self/status", "rb") as f:
-            caps = next(line.split()[1] for line in f if line.startswith(b"CapEff:"))
-        has_ipc_lock: bool | None = bool(int(caps, 16) >> 14 & 1)  # CAP_IPC_LOCK
-    except (OSError, StopIteration, ValueError, IndexError):
-        has_ipc_lock = None
+    has_ipc_lock = has_capability(process_status(), 14)  # CAP_IPC_LOCK
     who = {True: "this process has CAP_IPC_LOCK, which exempts rings created with it: if this "
                  "one was, the system is short of memory instead",
            False: "this process lacks CAP_IPC_LOCK",

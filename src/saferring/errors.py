@@ -77,6 +77,36 @@ class OperationCancelledError(SaferRingError, OSError):
     """
 
 
+def read_proc(name: str, proc: str = "/proc") -> str | None:
+    """The text of ``proc/name`` (``"self/status"``, ``"sys/kernel/..."``), or None if unreadable.
+
+    For error messages only.  Read as bytes and decoded by the interpreter's built-in UTF-8
+    codec: a process that changed its uid may no longer be able to import a codec module, and
+    an error path must not fail on that."""
+    try:
+        with open(os.path.join(proc, name), "rb") as f:
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def process_status(proc: str = "/proc") -> dict[str, str]:
+    """``/proc/self/status`` as a dict (empty if unreadable)."""
+    status: dict[str, str] = {}
+    for line in (read_proc("self/status", proc) or "").splitlines():
+        key, _, value = line.partition(":")
+        status[key] = value.strip()
+    return status
+
+
+def has_capability(status: dict[str, str], bit: int) -> bool | None:
+    """Whether capability ``bit`` is effective, from :func:`process_status` (None: unknown)."""
+    try:
+        return bool(int(status["CapEff"], 16) >> bit & 1)
+    except (KeyError, ValueError):
+        return None
+
+
 def os_error(code: int, what: str | None = None) -> OSError:
     """Return the :class:`OSError` (subclass chosen by Python from ``code``) for a positive errno."""
     message = os.strerror(code)

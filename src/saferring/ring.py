@@ -65,7 +65,10 @@ from .errors import (
     UnsupportedOperationError,
     UnsupportedPlatformError,
     WrongThreadError,
+    has_capability,
     os_error,
+    process_status,
+    read_proc,
 )
 from .features import OP, Features, build_features, opcode_name, since, supported_table
 from .fixed import FileTable, FixedFile
@@ -1492,26 +1495,7 @@ def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
     the words of the message; anything unreadable is left out of it.
     """
 
-    def read(name: str) -> str | None:
-        # Bytes, decoded by the interpreter's built-in UTF-8 codec: a process that changed its
-        # uid may no longer be able to import codec modules, and an error path must not fail.
-        try:
-            with open(os.path.join(proc, name), "rb") as f:
-                return f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return None
-
-    status: dict[str, str] = {}
-    for line in (read("self/status") or "").splitlines():
-        key, _, value = line.partition(":")
-        status[key] = value.strip()
-
-    def has_cap(bit: int) -> bool | None:
-        try:
-            return bool(int(status["CapEff"], 16) >> bit & 1)
-        except (KeyError, ValueError):
-            return None
-
+    status = process_status(proc)
     filters = status.get("Seccomp_filters", "1")
     seccomp = (f"this process runs under {filters} seccomp filter(s) (/proc/self/status)"
                if status.get("Seccomp") == "2" else None)
@@ -1533,8 +1517,8 @@ def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
         # admits CAP_SYS_ADMIN and members of kernel.io_uring_group (-1: no group).  A seccomp
         # filter refuses the call before the kernel looks at the sysctl, and a security module
         # can refuse it as well.
-        disabled = read("sys/kernel/io_uring_disabled")
-        group = read("sys/kernel/io_uring_group")
+        disabled = read_proc("sys/kernel/io_uring_disabled", proc)
+        group = read_proc("sys/kernel/io_uring_group", proc)
         elsewhere = (f"{seccomp}, which most likely refused it (container runtimes often block "
                      "io_uring: allow io_uring_setup, io_uring_enter and io_uring_register in the "
                      "profile)" if seccomp is not None else
@@ -1553,7 +1537,7 @@ def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
             except ValueError:
                 gid = -1
             member = gid >= 0 and (gid == os.getegid() or gid in os.getgroups())
-            if has_cap(21) or member:  # CAP_SYS_ADMIN
+            if has_capability(status, 21) or member:  # CAP_SYS_ADMIN
                 why = ("the sysctl kernel.io_uring_disabled is 1, which admits this process "
                        f"(CAP_SYS_ADMIN, or member of kernel.io_uring_group {gid}); {elsewhere}")
             else:
@@ -1582,7 +1566,7 @@ def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
 
         causes = []
         memlock = limit(resource.RLIMIT_MEMLOCK)
-        if memlock is not None and has_cap(14) is not True:  # CAP_IPC_LOCK
+        if memlock is not None and has_capability(status, 14) is not True:  # CAP_IPC_LOCK
             # For processes without CAP_IPC_LOCK, kernels before 5.12 charge a ring's memory
             # to RLIMIT_MEMLOCK, and so do recent ones (6.18 refuses Ring(8) under a zero
             # limit; 6.1 does not).  The count is per user.
