@@ -250,6 +250,9 @@ def open_fds() -> set[int]:
 
 def _load_scenarios() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
+    tests_dir = os.path.dirname(here)
+    if tests_dir not in sys.path:  # scenarios use tests/_helpers.py and tests/_aio.py
+        sys.path.insert(0, tests_dir)
     for name in sorted(os.listdir(here)):
         if name.startswith("scenarios_") and name.endswith(".py"):
             __import__(name[:-3])
@@ -265,8 +268,6 @@ def run(name: str) -> int:
     """Run scenario ``name`` with every check; the process's exit status."""
     scenarios = all_scenarios()
     fn, needs = scenarios[name]
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, tests_dir)
     from _helpers import kernel_lacks
 
     for requirement in needs:

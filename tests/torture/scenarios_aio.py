@@ -18,74 +18,40 @@ import functools
 import gc
 import os
 import random
-import signal
 import socket
 import tempfile
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from harness import Context, scenario
 
 import saferring
+from _aio import LOOP_KINDS, hang_guard, new_loop
+from _aio import run as run_loop
 from saferring import aio
 from saferring.aio import AsyncRing
 
 T = TypeVar("T")
 
-try:
-    import uvloop
-except ImportError:  # (a Python uvloop has no wheel for: these scenarios run on asyncio alone)
-    uvloop = None
-
-# As tests/_aio.py: the emulated 6.1 guest runs stock asyncio only (emulation is 20-50x slower).
-IN_KERNEL_GUEST = bool(os.environ.get("SAFERRING_KERNEL_GUEST"))
-LOOP_KINDS = ("asyncio",) if IN_KERNEL_GUEST or uvloop is None else ("asyncio", "uvloop")
 LIMIT = 10.0  # seconds any one wait may take before the scenario fails instead of hanging
 # Loop iterations a cancelled task may take to end.  Cancelling wakes the task in the next
 # iteration; it must not wait for any I/O (a completion, a cancel landing in the kernel).
 PROMPT_TURNS = 3
 HOST = "127.0.0.1"
 
-# libuv opens a process-wide pipe with the first loop ever created and keeps it: open it now (at
-# import, before the harness counts descriptors) so it is not taken for a leak.
-if uvloop is not None:
-    uvloop.new_event_loop().close()
+# -- running on both loops (tests/_aio.py: LOOP_KINDS, new_loop, run, hang_guard) -------------------
 
-
-# -- running on both loops ------------------------------------------------------------------------
-
-def new_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """A new event loop of ``kind`` ("asyncio" or "uvloop"), not set as the current loop."""
-    if kind == "uvloop":
-        return uvloop.new_event_loop()  # type: ignore[no-any-return]
-    return asyncio.new_event_loop()
-
-
-@contextlib.contextmanager
-def hang_guard(seconds: float = 60.0) -> Iterator[None]:
-    """Raise TimeoutError in the main thread after ``seconds``: a loop spinning without yielding
-    (which no asyncio timeout can interrupt) fails the scenario instead of hanging it."""
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"still running after {seconds} s: spinning or blocked")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+#: A scenario's loop may run this long before hang_guard fails it (each runs many cases).
+GUARD = 60.0
 
 
 def run_on(kind: str, coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     """``coro_fn(*args)`` to its end on a fresh loop of ``kind``, with asyncio.run's semantics
     (remaining tasks cancelled, async generators shut down, the loop closed)."""
-    with hang_guard():
-        if kind == "uvloop":
-            return uvloop.run(coro_fn(*args))  # type: ignore[no-any-return]
-        return asyncio.run(coro_fn(*args))
+    with hang_guard(GUARD):
+        return run_loop(kind, coro_fn, *args)
 
 
 def on_each_loop(coro_fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
@@ -933,7 +899,7 @@ def _loop_closed_by_hand(ctx: Context, kind: str, how: str) -> None:
         await work.start()
         return aring, work
 
-    with hang_guard():
+    with hang_guard(GUARD):
         aring, work = loop.run_until_complete(setup())
     ring_ref = weakref.ref(aring.ring)
     # The tasks left pending report "destroyed but pending" when collected: expected here.
@@ -946,7 +912,7 @@ def _loop_closed_by_hand(ctx: Context, kind: str, how: str) -> None:
     ctx.check_canaries()
     if how == "close the ring afterwards":
         # No loop runs any more: close() still cancels, waits for every final CQE, and closes.
-        with hang_guard():
+        with hang_guard(GUARD):
             aring.close()
         assert aring.closed and aring.in_flight() == 0
         work.check_streams_untouched()
@@ -958,7 +924,7 @@ def _loop_closed_by_hand(ctx: Context, kind: str, how: str) -> None:
     work.tasks.clear()
     work.buffers = None
     del aring, work, loop
-    with hang_guard():
+    with hang_guard(GUARD):
         # Several passes: the tasks' finalisers (which report "destroyed but pending") run in
         # the first, and the cycle they were part of is freed in a later one.
         for _ in range(4):
@@ -1300,7 +1266,7 @@ def _interrupted_mid_dispatch(kind: str) -> None:
         await until(lambda: all(len(p.received) == 9 for p in served), "every message")
 
     try:
-        with hang_guard():
+        with hang_guard(GUARD):
             loop.run_until_complete(setup())
             task = loop.create_task(burst())
             try:
@@ -1325,7 +1291,7 @@ def _interrupted_mid_dispatch(kind: str) -> None:
             await bounded(server.wait_closed())
             await bounded(aring.aclose())
 
-        with hang_guard():
+        with hang_guard(GUARD):
             loop.run_until_complete(wind_up())
         assert all(p.events[-1] == "lost" and len(p.lost) == 1 for p in served)
     finally:
@@ -1448,7 +1414,7 @@ def _wrong_loop(kind: str, ctx: Context) -> None:
             holder.append(await aio.open(path, "rb", ring=aring))
 
         try:
-            with hang_guard():
+            with hang_guard(GUARD):
                 home.run_until_complete(make())
             aring, f = holder
             buf = bytearray(16)
@@ -1475,7 +1441,7 @@ def _wrong_loop(kind: str, ctx: Context) -> None:
             for what, attempt in attempts.items():
                 # From another loop, running in this thread...
                 try:
-                    with hang_guard():
+                    with hang_guard(GUARD):
                         other.run_until_complete(attempt())
                 except saferring.WrongLoopError:
                     pass
@@ -1508,7 +1474,7 @@ def _wrong_loop(kind: str, ctx: Context) -> None:
                 await aring.aclose()
                 return bytes(buf[:n]) + data
 
-            with hang_guard():
+            with hang_guard(GUARD):
                 assert home.run_until_complete(at_home()) == b"homesome bytes\n"
         finally:
             if holder:
@@ -1548,7 +1514,7 @@ def _foreign_servers(kind: str, ctx: Context) -> None:
 
     problems: list[str] = []
     try:
-        with hang_guard():
+        with hang_guard(GUARD):
             home.run_until_complete(make())
         aring = holder[0]
         attempts: dict[str, Callable[[], Awaitable[Any]]] = {
@@ -1564,7 +1530,7 @@ def _foreign_servers(kind: str, ctx: Context) -> None:
         for what, attempt in attempts.items():
             before = aring.in_flight()
             try:
-                with hang_guard():
+                with hang_guard(GUARD):
                     result = other.run_until_complete(attempt())
             except saferring.WrongLoopError:
                 pass
@@ -1586,7 +1552,7 @@ def _foreign_servers(kind: str, ctx: Context) -> None:
         assert not problems, "\n".join(problems)
     finally:
         if holder:
-            with hang_guard():
+            with hang_guard(GUARD):
                 home.run_until_complete(holder[0].aclose())
         home.close()
         other.close()
