@@ -26,6 +26,7 @@ import hashlib
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -233,6 +234,23 @@ class Context:
         open_rings = [r for r in list(_live_rings) if not r.closed]
         assert not open_rings, f"{len(open_rings)} ring(s) left open"
         self.check_canaries()
+
+
+def collect_until(ring: saferring.Ring, done: Callable[[], bool], seconds: float = 10.0
+                  ) -> list[saferring.Operation[Any]]:
+    """Wait on ``ring`` in short slices until ``done()``; fail after ``seconds`` (a lost
+    completion fails the scenario instead of hanging it).  Returns what the waits returned."""
+    got: list[saferring.Operation[Any]] = []
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "operations did not complete in time"
+        got += ring.wait(1, timeout=0.05)
+    return got
+
+
+def byte_pattern(i: int, size: int) -> bytes:
+    """``size`` bytes of value ``i % 250 + 1``: each operation's data is told apart by its byte."""
+    return bytes([i % 250 + 1]) * size
 
 
 def open_fds() -> set[int]:

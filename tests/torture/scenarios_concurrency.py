@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from harness import Context, scenario
+from harness import Context, byte_pattern, collect_until, scenario
 
 import saferring
 from saferring import OpState
@@ -36,21 +36,6 @@ POLLIN = 0x001
 
 class _Buf(bytearray):
     """A bytearray that can be weakly referenced."""
-
-
-def _pattern(i: int, size: int) -> bytes:
-    return bytes([i % 250 + 1]) * size
-
-
-def _collect_until(ring: saferring.Ring, done: Callable[[], bool], seconds: float = 10.0
-                   ) -> list[saferring.Operation[Any]]:
-    """Wait on ``ring`` in short slices until ``done()``; fail after ``seconds``."""
-    got: list[saferring.Operation[Any]] = []
-    deadline = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < deadline, "operations did not complete in time"
-        got += ring.wait(1, timeout=0.05)
-    return got
 
 
 def _child(checks: list[Callable[[], None]]) -> None:
@@ -197,8 +182,8 @@ def fork_child_touching_ring_gets_forked_ring_error(ctx: Context) -> None:
     assert _reap_child(pid) == 0, "the forked child was not refused as documented"
     assert not ring.closed and ring.stats().in_flight == 44
     for k in range(4):
-        os.write(pipes[k][1], _pattern(k, 1000))
-    a.sendall(_pattern(9, 600))
+        os.write(pipes[k][1], byte_pattern(k, 1000))
+    a.sendall(byte_pattern(9, 600))
     os.write(fw, b"fixedread!")
     held: list[saferring.Buffer] = []
 
@@ -207,16 +192,16 @@ def fork_child_touching_ring_gets_forked_ring_error(ctx: Context) -> None:
         return (all(op.done() for op in reads) and fixed_read.done()
                 and sum(x.nbytes for x in held) == 600 and poll.pending() > 0)
 
-    _collect_until(ring, settled)
+    collect_until(ring, settled)
     assert [op.result() for op in reads] == [100] * 40
-    assert all(buf == _pattern(i % 4, 100) for i, buf in enumerate(bufs))
+    assert all(buf == byte_pattern(i % 4, 100) for i, buf in enumerate(bufs))
     assert fixed_read.result() == 10 and fixed_buf == b"fixedread!"
-    assert b"".join(x.tobytes() for x in held) == _pattern(9, 600)
+    assert b"".join(x.tobytes() for x in held) == byte_pattern(9, 600)
     for x in held:
         x.release()
     for op in (multi, poll, tmo):
         op.cancel()
-    _collect_until(ring, lambda: multi.done() and poll.done() and tmo.done())
+    collect_until(ring, lambda: multi.done() and poll.done() and tmo.done())
 
 
 @scenario()
@@ -292,12 +277,12 @@ def fork_children_exit_without_closing(ctx: Context) -> None:
         if pid == 0:
             _child(checks)
         assert _reap_child(pid) == 0, f"a forked child failed: {checks}"
-    os.write(w, _pattern(1, 640))
+    os.write(w, byte_pattern(1, 640))
     os.write(helper_w, b"hello")
     os.write(box_w, b"boxdata!")
-    _collect_until(ring, lambda: all(op.done() for op in reads))
+    collect_until(ring, lambda: all(op.done() for op in reads))
     assert [op.result() for op in reads] == [64] * 10
-    assert all(buf == _pattern(1, 64) for buf in bufs)
+    assert all(buf == byte_pattern(1, 64) for buf in bufs)
     thread.join(20)
     assert not thread.is_alive()
     assert helper_out == [(True, 5, b"hello")], helper_out
@@ -464,7 +449,7 @@ def other_threads_get_wrong_thread_error_while_owner_waits(ctx: Context) -> None
     assert ring.run(ring.nop()) == 0
     tmo.cancel()
     multi.cancel()
-    _collect_until(ring, lambda: tmo.done() and multi.done())
+    collect_until(ring, lambda: tmo.done() and multi.done())
 
 
 @scenario()
@@ -551,7 +536,7 @@ def threads_drop_buffers_and_collect_while_owner_waits(ctx: Context) -> None:
             ctx.spray(200, 400)
             sprayed = True
             for k, (_, wfd) in enumerate(pipes):
-                os.write(wfd, _pattern(k, 30 * 200))
+                os.write(wfd, byte_pattern(k, 30 * 200))
         if fed < len(stream) and sprayed:
             sa.sendall(stream[fed:fed + 512])  # more than the 4 buffers hold, in bursts
             fed += 512
@@ -562,7 +547,7 @@ def threads_drop_buffers_and_collect_while_owner_waits(ctx: Context) -> None:
     assert len(reads_done) == 120 and set(reads_done.values()) == {1}
     assert bytes(received) == stream, "the stream lost, duplicated or reordered bytes"
     multi.cancel()
-    _collect_until(ring, multi.done)
+    collect_until(ring, multi.done)
     for chunk in multi.take():
         chunk.release()
     ctx.check_canaries()
@@ -586,7 +571,7 @@ def threads_each_with_own_ring(ctx: Context) -> None:
             r, w = os.pipe()
             try:
                 for round_ in range(30):
-                    data = _pattern(index * 31 + round_, 96)
+                    data = byte_pattern(index * 31 + round_, 96)
                     out = bytearray(96)
                     wr = ring.write(w, data)
                     rd = ring.read(r, out)
@@ -595,7 +580,7 @@ def threads_each_with_own_ring(ctx: Context) -> None:
                     assert set(done) == {wr, rd, tmo} and out == data
                 poll = ring.poll_add(r, POLLIN, multishot=True)
                 os.write(w, b"!")
-                _collect_until(ring, lambda: poll.pending() > 0)
+                collect_until(ring, lambda: poll.pending() > 0)
                 assert os.read(r, 1) == b"!"
                 refs = []
                 for _ in range(10):
@@ -681,10 +666,10 @@ def keyboard_interrupt_during_wait_loses_nothing(ctx: Context) -> None:
                     except BufferError:
                         continue
                     raise AssertionError("a read's buffer could be resized after Ctrl-C")
-                os.write(w, _pattern(round_, 64 * 4))
+                os.write(w, byte_pattern(round_, 64 * 4))
             else:
                 def data_and_signal(round_: int = round_) -> None:
-                    os.write(w, _pattern(round_, 64 * 4))
+                    os.write(w, byte_pattern(round_, 64 * 4))
                     time.sleep(random.uniform(0, 0.0005))
                     signal.pthread_kill(me, signal.SIGUSR1)
 
@@ -711,7 +696,7 @@ def keyboard_interrupt_during_wait_loses_nothing(ctx: Context) -> None:
     assert interrupted >= 3
     assert sum(seen.values()) == 24 and set(seen.values()) == {1}, seen
     contents = collections.Counter(bytes(buf) for buf in bufs)
-    assert contents == {_pattern(k, 64): 4 for k in range(6)}, contents
+    assert contents == {byte_pattern(k, 64): 4 for k in range(6)}, contents
     assert ring.stats().pinned_bytes == 0
 
 
@@ -754,7 +739,7 @@ def keyboard_interrupt_during_run_iteration_and_close(ctx: Context) -> None:
     os.write(pw, b"y")  # a new event after the interruption: the iteration picks it up
     assert next(iter(poll)) & POLLIN
     poll.cancel()
-    _collect_until(ring, poll.done)
+    collect_until(ring, poll.done)
     # close() with 100 reads in flight, interrupted at a random moment (tried on fresh rings
     # until an interruption landed inside close()).
     alarm = _ArmedSignal(signal.SIGALRM)
@@ -837,7 +822,7 @@ def signal_storm_during_submit_and_close(ctx: Context) -> None:
                     if i % 50 == 0:
                         # Some reads complete while the storm goes on: the completion path
                         # is interrupted too.
-                        os.write(pipes[i % 8][1], _pattern(round_, 96 * 3))
+                        os.write(pipes[i % 8][1], byte_pattern(round_, 96 * 3))
                         ring.wait(0, timeout=0.001)
                 except Boom:
                     pass
@@ -962,7 +947,7 @@ def finalizer_exceptions_during_completion_processing(ctx: Context) -> None:
     seen: collections.Counter[int] = collections.Counter()
     try:
         for k in range(15):
-            os.write(w, _pattern(k, 640))  # ten reads' worth: their pins drop as they complete
+            os.write(w, byte_pattern(k, 640))  # ten reads' worth: their pins drop as they complete
             deadline = time.monotonic() + 10
             while sum(seen.values()) < 10 * (k + 1):
                 assert time.monotonic() < deadline

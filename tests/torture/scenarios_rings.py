@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from harness import Context, scenario
+from harness import Context, byte_pattern, collect_until, scenario
 
 import saferring
 from saferring import OpState
@@ -39,11 +39,6 @@ FINAL = {OpState.COMPLETED, OpState.FAILED, OpState.CANCELLED}
 
 class _Buf(bytearray):
     """A bytearray that can be weakly referenced: shows when the library lets go of it."""
-
-
-def _pattern(i: int, size: int) -> bytes:
-    """``size`` bytes of value ``i % 250 + 1``: each operation's data is told apart by its byte."""
-    return bytes([i % 250 + 1]) * size
 
 
 def _drain_fd(fd: int) -> bytes:
@@ -93,17 +88,6 @@ def _fill_pipe(w: int) -> int:
     finally:
         os.set_blocking(w, True)
     return total
-
-
-def _collect_until(ring: saferring.Ring, done: Callable[[], bool], seconds: float = 10.0
-                   ) -> list[saferring.Operation[Any]]:
-    """Wait on ``ring`` (in short slices) until ``done()``; fail after ``seconds``."""
-    got: list[saferring.Operation[Any]] = []
-    deadline = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < deadline, "operations did not complete in time"
-        got += ring.wait(1, timeout=0.05)
-    return got
 
 
 def _check_outcomes(ops: Iterable[saferring.Operation[Any]],
@@ -236,9 +220,9 @@ def close_with_pipe_reads_in_flight(ctx: Context) -> None:
     assert all(ref() is not None for ref in dropped), "an in-flight read's buffer was freed"
     # Pipes 0-4 get three reads' worth each (one atomic write, each read takes at most 512).
     for k in range(5):
-        os.write(pipes[k][1], _pattern(k, 3 * 512))
+        os.write(pipes[k][1], byte_pattern(k, 3 * 512))
     fed_ops = [op for i, op in enumerate(ops) if i % 20 < 5]
-    _collect_until(ring, lambda: sum(op.done() for op in fed_ops) >= 15)
+    collect_until(ring, lambda: sum(op.done() for op in fed_ops) >= 15)
     ring.close()
     states = _check_outcomes(ops, {OpState.COMPLETED, OpState.CANCELLED})
     assert states[OpState.COMPLETED] == 15, states
@@ -246,7 +230,7 @@ def close_with_pipe_reads_in_flight(ctx: Context) -> None:
         if op.state is OpState.COMPLETED:
             assert i % 20 < 5 and op.result() == 512, (i, op)
             if op.user_data in kept:
-                assert kept[op.user_data] == _pattern(i % 20, 512)
+                assert kept[op.user_data] == byte_pattern(i % 20, 512)
     gc.collect()
     assert all(ref() is None for ref in dropped), "close() left a dropped buffer pinned"
     ctx.spray(512, 600)  # memory close() let go of: written only if a read outlived close()
@@ -276,7 +260,7 @@ def close_with_socket_recvs_in_flight(ctx: Context) -> None:
     gc.collect()
     ctx.spray(256, 400)
     ctx.spray(128, 400)
-    sent = {k: _pattern(k, 1000) for k in range(4)}
+    sent = {k: byte_pattern(k, 1000) for k in range(4)}
     for k, data in sent.items():
         pairs[k][0].sendall(data)
 
@@ -288,7 +272,7 @@ def close_with_socket_recvs_in_flight(ctx: Context) -> None:
                 total += res if isinstance(res, int) else res.nbytes
         return total
 
-    _collect_until(ring, lambda: all(got(k) == 1000 for k in sent))
+    collect_until(ring, lambda: all(got(k) == 1000 for k in sent))
     ring.close()
     _check_outcomes([op for _, op in ops], {OpState.COMPLETED, OpState.CANCELLED})
     for k in range(8):
@@ -325,7 +309,7 @@ def close_with_long_timeouts_in_flight(ctx: Context) -> None:
         else:
             long_ops.append(ring.timeout(3600, count=1_000_000))
     short = [ring.timeout(0.001) for _ in range(10)]
-    _collect_until(ring, lambda: all(op.done() for op in short))
+    collect_until(ring, lambda: all(op.done() for op in short))
     assert [op.result() for op in short] == [None] * 10
     # Requests aimed at live timeouts, queued but not submitted when close() starts.
     requests = [ring.timeout_remove(long_ops[0]), ring.timeout_update(long_ops[1], 7200)]
@@ -365,7 +349,7 @@ def close_with_multishot_ops_in_flight(ctx: Context) -> None:
     forever = [ring.timeout(3600, multishot=True) for _ in range(20)]
     ring.submit()
     for k, (a, _) in enumerate(pairs[:8]):
-        a.sendall(_pattern(k, 300))  # two chunks each at most: 256 + 44, or one of 300 split
+        a.sendall(byte_pattern(k, 300))  # two chunks each at most: 256 + 44, or one of 300 split
     for _, w in pipes[:8]:
         os.write(w, b"p")
     clients = []
@@ -384,9 +368,9 @@ def close_with_multishot_ops_in_flight(ctx: Context) -> None:
         return (all(received(k) == 300 for k in range(8)) and all(p.pending() for p in polls[:8])
                 and sum(a.pending() for a in accepts) >= 6 and counted.done())
 
-    _collect_until(ring, progressed)
+    collect_until(ring, progressed)
     for k in range(8):
-        assert b"".join(b.tobytes() for b in held[k]) == _pattern(k, 300)
+        assert b"".join(b.tobytes() for b in held[k]) == byte_pattern(k, 300)
     accepted: list[int] = accepts[0].take()  # accepts[1]'s stay untaken: closed when collected
     del recvs[12:]  # dropped with nothing taken
     for k in range(8, 12):
@@ -399,7 +383,7 @@ def close_with_multishot_ops_in_flight(ctx: Context) -> None:
     assert counted.result() == [None, None, None]
     for k in range(8):
         assert all(b.state is saferring.BufferState.FILLED for b in held[k])
-        assert b"".join(b.tobytes() for b in held[k]) == _pattern(k, 300)
+        assert b"".join(b.tobytes() for b in held[k]) == byte_pattern(k, 300)
         for b in held[k]:
             b.release()
             assert b.state is saferring.BufferState.RELEASED
@@ -443,17 +427,17 @@ def close_with_zero_copy_sends_in_flight(ctx: Context) -> None:
     ops: list[tuple[int, saferring.Operation[Any]]] = []
     for i in range(200):
         if i % 4 == 3:
-            ops.append((i, ring.sendmsg_zc(client, [bytearray(_pattern(i, 700)),
-                                                    bytearray(_pattern(i, 300))])))
+            ops.append((i, ring.sendmsg_zc(client, [bytearray(byte_pattern(i, 700)),
+                                                    bytearray(byte_pattern(i, 300))])))
         else:
-            ops.append((i, ring.send_zc(client, bytearray(_pattern(i, 1000)))))
+            ops.append((i, ring.send_zc(client, bytearray(byte_pattern(i, 1000)))))
     ring.submit()
     gc.collect()
     ctx.spray(1000, 300)
     ctx.spray(700, 300)
     ctx.spray(300, 300)
     reader = _Reader(server)
-    _collect_until(ring, lambda: sum(op.done() for _, op in ops) >= 5)
+    collect_until(ring, lambda: sum(op.done() for _, op in ops) >= 5)
     ring.close()
     client.close()
     data = reader.finish()
@@ -497,7 +481,7 @@ def close_timeout_with_unread_zero_copy_sends(ctx: Context) -> None:
             time.sleep(0.05)
             break
     client.setblocking(True)
-    sends = [ring.send_zc(client, bytearray(_pattern(i, 2000))) for i in range(20)]
+    sends = [ring.send_zc(client, bytearray(byte_pattern(i, 2000))) for i in range(20)]
     ring.submit()
     gc.collect()
     ctx.spray(2000, 200)
@@ -563,8 +547,8 @@ def close_with_linked_chains_in_flight(ctx: Context) -> None:
         timed.append((op, ring.link_timeout(op, 3600)))
     ring.submit()
     for k in range(6):
-        os.write(chains[k][0], _pattern(k, 64))
-    _collect_until(ring, lambda: all(c[2][2].done() for c in chains[:6]))
+        os.write(chains[k][0], byte_pattern(k, 64))
+    collect_until(ring, lambda: all(c[2][2].done() for c in chains[:6]))
     opened = ring.chain()
     opened.__enter__()
     r, _ = ctx.pipe()
@@ -575,7 +559,7 @@ def close_with_linked_chains_in_flight(ctx: Context) -> None:
         out = _drain_fd(dst_r)
         if k < 6:
             _check_outcomes(members, {OpState.COMPLETED})
-            assert out == _pattern(k, 64) and members[1].result() == 64, k
+            assert out == byte_pattern(k, 64) and members[1].result() == 64, k
         else:
             _check_outcomes(members, {OpState.CANCELLED})
             assert out == b"", f"chain {k}: a write behind a cancelled read ran"
@@ -640,10 +624,10 @@ def close_with_fixed_file_ops_in_flight(ctx: Context) -> None:
     ring.submit()
     gc.collect()
     ctx.spray(128, 400)
-    os.write(writers[0], _pattern(0, 128 * 3))
-    pairs[0][0].sendall(_pattern(8, 128 * 2))
+    os.write(writers[0], byte_pattern(0, 128 * 3))
+    pairs[0][0].sendall(byte_pattern(8, 128 * 2))
     fed = [op for k, op in ops if k in (0, 8)]
-    _collect_until(ring, lambda: sum(op.result() for op in fed if op.done()) == 128 * 5)
+    collect_until(ring, lambda: sum(op.result() for op in fed if op.done()) == 128 * 5)
     ring.close()
     states = _check_outcomes([op for _, op in ops], {OpState.COMPLETED, OpState.CANCELLED})
     assert states[OpState.COMPLETED] == 5, states
@@ -690,7 +674,7 @@ def close_with_every_kind_mixed(ctx: Context) -> None:
         if kind == 0:
             ops.append(ring.read(r, _Buf(256)))
         elif kind == 1:
-            op = ring.write(full_w, _Buf(_pattern(i, 100)))
+            op = ring.write(full_w, _Buf(byte_pattern(i, 100)))
             writes.append((i, op))
             ops.append(op)
         elif kind == 2:
@@ -718,7 +702,7 @@ def close_with_every_kind_mixed(ctx: Context) -> None:
     os.write(pipes[0][1], b"x" * 100)
     pairs[1][0].sendall(b"y" * 100)
     instant = [op for i, op in enumerate(ops[:360]) if i % 10 in (7, 9)]
-    _collect_until(ring, lambda ops=ops: all(op.done() for op in instant)  # type: ignore[misc]
+    collect_until(ring, lambda ops=ops: all(op.done() for op in instant)  # type: ignore[misc]
                    and sum(op.done() for op in ops) > len(instant))
     ring.close()
     _check_outcomes(ops)
@@ -757,7 +741,7 @@ def close_with_blocked_worker_requests_in_flight(ctx: Context) -> None:
     assert not any(op.done() for op in ops)
     first = ops[0]
     first.cancel()
-    _collect_until(ring, first.done)
+    collect_until(ring, first.done)
     ring.close()
     for op in ops:
         assert op.state is OpState.CANCELLED, (
@@ -851,7 +835,7 @@ def close_called_from_inside_ring_calls(ctx: Context) -> None:
     del target
     ring.submit()
     os.write(w, b"ghijkl")
-    _collect_until(ring, lambda: op1.done() and op2.done())
+    collect_until(ring, lambda: op1.done() and op2.done())
     gc.collect()
     assert guard() is None
     assert other.closed
@@ -912,7 +896,7 @@ def unclosed_ring_drained_by_garbage_collector(ctx: Context) -> None:
     accepts = ring.accept(lst, multishot=True)
     client = socket.create_connection(lst.getsockname(), timeout=5)
     ctx.sockets.append(client)
-    _collect_until(ring, lambda acc=accepts: acc.pending() > 0)  # type: ignore[misc]
+    collect_until(ring, lambda acc=accepts: acc.pending() > 0)  # type: ignore[misc]
     chain = chained.chain()
     chain.__enter__()
     chained.read(pipes[1][0], _Buf(300))
@@ -1015,7 +999,7 @@ def _slot_setup(ctx: Context, ring: saferring.Ring
     h0, h1 = handles
     assert h0 is not None and h1 is not None
     reads = [ring.read(h0, bytearray(64)) for _ in range(10)]
-    writes = [ring.write(h1, bytearray(_pattern(i, 100))) for i in range(5)]
+    writes = [ring.write(h1, bytearray(byte_pattern(i, 100))) for i in range(5)]
     ring.submit()
     reads += [ring.read(h0, bytearray(64)) for _ in range(3)]
     return pa, pf, filled, reads, writes, handles
@@ -1028,9 +1012,9 @@ def _slot_outcome(ctx: Context, ring: saferring.Ring, pa: tuple[int, int], pf: t
     """Feed the old pipe A and drain the old pipe F: the old requests complete on them, and the
     files now in the slots (pipes B and G) see none of their data."""
     os.write(pb[1], b"B" * 640)  # the new file in slot 0: the old reads must not take this
-    os.write(pa[1], _pattern(7, 64 * len(reads)))
+    os.write(pa[1], byte_pattern(7, 64 * len(reads)))
     out = _drain_fd(pf[0])  # room in F: the old writes go on
-    _collect_until(ring, lambda: all(op.done() for op in reads + writes))
+    collect_until(ring, lambda: all(op.done() for op in reads + writes))
     out += _drain_fd(pf[0])
     assert [op.result() for op in reads] == [64] * len(reads)
     assert [op.result() for op in writes] == [100] * 5
@@ -1175,7 +1159,7 @@ def ops_on_closed_descriptors_fail_with_ebadf(ctx: Context) -> None:
             where[name] = "at once"
             continue
         assert isinstance(op, saferring.Operation), (name, op)
-        _collect_until(ring, op.done)
+        collect_until(ring, op.done)
         assert op.state is OpState.FAILED, (name, op)
         try:
             op.result()
@@ -1219,9 +1203,9 @@ def fd_number_reused_while_read_in_flight(ctx: Context) -> None:
     time.sleep(0.05)  # a wrongly redirected request would take it now
     ring.wait(0)
     assert not any(op.done() for op in reads) and not recv.done() and not multi.pending()
-    os.write(wa, _pattern(1, 400))
-    sa.sendall(_pattern(2, 50))
-    ma.sendall(_pattern(3, 300))
+    os.write(wa, byte_pattern(1, 400))
+    sa.sendall(byte_pattern(2, 50))
+    ma.sendall(byte_pattern(3, 300))
     held: list[saferring.Buffer] = []
 
     def settled() -> bool:
@@ -1229,17 +1213,17 @@ def fd_number_reused_while_read_in_flight(ctx: Context) -> None:
         return (all(op.done() for op in reads) and recv.done()
                 and sum(b.nbytes for b in held) >= 300)
 
-    _collect_until(ring, settled)
+    collect_until(ring, settled)
     assert [op.result() for op in reads] == [50] * 8
-    assert b"".join(read_bufs) == _pattern(1, 400)
-    assert recv.result() == 50 and recv_buf == _pattern(2, 50)
-    assert b"".join(b.tobytes() for b in held) == _pattern(3, 300)
+    assert b"".join(read_bufs) == byte_pattern(1, 400)
+    assert recv.result() == 50 and recv_buf == byte_pattern(2, 50)
+    assert b"".join(b.tobytes() for b in held) == byte_pattern(3, 300)
     for b in held:
         b.release()
     assert _drain_fd(ra) == b"B" * 120, "a read on the old number took the new file's data"
     assert _drain_fd(sb.fileno()) == b"D" * 40, "a receive on the old number took D's data"
     multi.cancel()
-    _collect_until(ring, multi.done)
+    collect_until(ring, multi.done)
 
 
 @scenario()
@@ -1252,7 +1236,7 @@ def fd_number_reused_while_write_in_flight(ctx: Context) -> None:
     rf, wf = ctx.pipe()
     filled = _fill_pipe(wf)
     rn, wn = ctx.pipe()
-    writes = [ring.write(wf, bytearray(_pattern(i, 200))) for i in range(6)]
+    writes = [ring.write(wf, bytearray(byte_pattern(i, 200))) for i in range(6)]
     sa, sb = ctx.socketpair()
     sc, sd = ctx.socketpair()
     sa.setblocking(False)
@@ -1263,7 +1247,7 @@ def fd_number_reused_while_write_in_flight(ctx: Context) -> None:
     except BlockingIOError:
         pass
     sa.setblocking(True)
-    sends = [ring.send(sa, bytearray(_pattern(10 + i, 300))) for i in range(4)]
+    sends = [ring.send(sa, bytearray(byte_pattern(10 + i, 300))) for i in range(4)]
     ring.submit()
     ring.wait(0)
     assert not any(op.done() for op in writes + sends)
@@ -1310,16 +1294,16 @@ def close_fd_with_ops_in_flight(ctx: Context) -> None:
     sb.detach()  # the number is the ring's to close now
     assert ring.run(ring.close_fd(sock_number)) == 0
     late = ring.read(ra, bytearray(8))  # the number is closed and not yet reused
-    _collect_until(ring, late.done)
+    collect_until(ring, late.done)
     assert late.state is OpState.FAILED
     exc = ctx.raises(OSError, late.result)
     assert isinstance(exc, OSError) and exc.errno == errno.EBADF, exc
     new_pipes = [ctx.pipe(), ctx.pipe()]
     for p in new_pipes:
         os.write(p[1], b"N" * 16)
-    os.write(wa, _pattern(4, 128))
-    sa.sendall(_pattern(5, 128))
-    _collect_until(ring, lambda: all(op.done() for op in reads + recvs))
+    os.write(wa, byte_pattern(4, 128))
+    sa.sendall(byte_pattern(5, 128))
+    collect_until(ring, lambda: all(op.done() for op in reads + recvs))
     assert [op.result() for op in reads] == [32] * 4
     assert [op.result() for op in recvs] == [32] * 4
     for p in new_pipes:
@@ -1339,6 +1323,6 @@ def msg_ring_target_closed_and_fd_reused(ctx: Context) -> None:
     bystander = ctx.ring(8)
     if bystander.fd != number:
         ctx.skip("the new ring did not get the closed ring's descriptor number")
-    _collect_until(sender, msg.done)
+    collect_until(sender, msg.done)
     arrived = bystander.wait(0, timeout=0.2)
     assert arrived == [], f"a message for a closed ring reached another ring: {arrived}"
