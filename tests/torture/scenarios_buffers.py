@@ -1584,6 +1584,18 @@ class _Keeper:
         self.kept.append(self.buf)
 
 
+
+def _kept_reads(ring: saferring.Ring, pool: BufferPool, pipes: list[tuple[int, int]]) -> None:
+    """A read per pipe into a pool buffer (``read_fixed``) or a standalone one, alternately,
+    each buffer held only by a reference cycle (:class:`_Keeper`)."""
+    for i, (r, _w) in enumerate(pipes):
+        buf = pool.lease() if i % 2 else Buffer(PIPE_BUF)
+        if i % 2:
+            ring.read_fixed(r, buf)
+        else:
+            ring.read(r, buf)
+        _Keeper(buf)
+
 @scenario("op:READ_FIXED")
 def library_buffers_in_collected_cycles(ctx: Context) -> None:
     """Standalone and pool ``Buffer``s are reachable only from reference cycles whose finaliser
@@ -1598,14 +1610,7 @@ def library_buffers_in_collected_cycles(ctx: Context) -> None:
     pool = BufferPool(ring, 2, PIPE_BUF)
     kept = _Keeper.kept
     with _gc_pressure():
-        for i, (r, _w) in enumerate(pipes):
-            buf = pool.lease() if i % 2 else Buffer(PIPE_BUF)
-            if i % 2:
-                ring.read_fixed(r, buf)
-            else:
-                ring.read(r, buf)
-            _Keeper(buf)
-        del buf
+        _kept_reads(ring, pool, pipes)
         ring.submit()
         gc.collect()
         assert len(kept) == 4 and all(b.state is BufferState.IN_FLIGHT for b in kept)
@@ -1624,14 +1629,7 @@ def library_buffers_in_collected_cycles(ctx: Context) -> None:
 
     gc.disable()  # the cycles below must outlive their reads: collected only once those ended
     try:
-        for i, (r, _w) in enumerate(pipes):
-            buf = pool.lease() if i % 2 else Buffer(PIPE_BUF)
-            if i % 2:
-                ring.read_fixed(r, buf)
-            else:
-                ring.read(r, buf)
-            _Keeper(buf)
-        del buf
+        _kept_reads(ring, pool, pipes)
         for i, (_r, w) in enumerate(pipes):
             os.write(w, _pattern(600 + i, 2700 + i))
         done = _settle(ring)
