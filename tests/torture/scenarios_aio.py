@@ -951,7 +951,22 @@ def aio_loop_closed_by_hand_with_requests_in_flight(ctx: Context) -> None:
             _loop_closed_by_hand(ctx, kind, how)
 
 
-class Tracked(asyncio.Protocol):
+class Ending:
+    """The end of a connection, recorded: ``eof`` and ``lost`` events, and the exception."""
+
+    events: list[str]
+    lost: list[BaseException | None]
+
+    def eof_received(self) -> bool | None:
+        self.events.append("eof")
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.events.append("lost")
+        self.lost.append(exc)
+
+
+class Tracked(Ending, asyncio.Protocol):
     """Records its callbacks; writes ``greeting`` on connection, and keeps writing what it gets."""
 
     def __init__(self, registry: list[Tracked], greeting: bytes = b"") -> None:
@@ -972,14 +987,6 @@ class Tracked(asyncio.Protocol):
         if self.events[-1] != "data":
             self.events.append("data")
         self.received += data
-
-    def eof_received(self) -> bool | None:
-        self.events.append("eof")
-        return None
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.events.append("lost")
-        self.lost.append(exc)
 
 
 async def _shared_ring_left_busy(kind: str, ctx: Context, state: dict[str, Any]) -> None:
@@ -1082,7 +1089,7 @@ class Raising(Tracked):
             raise Boom(self.where)
 
 
-class BadBuffers(asyncio.BufferedProtocol):
+class BadBuffers(Ending, asyncio.BufferedProtocol):
     """A BufferedProtocol whose get_buffer() raises, or returns an empty, read-only, non-buffer
     or one-byte buffer (``how``)."""
 
@@ -1111,14 +1118,6 @@ class BadBuffers(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.received += self.buf[:nbytes]
-
-    def eof_received(self) -> bool | None:
-        self.events.append("eof")
-        return None
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.events.append("lost")
-        self.lost.append(exc)
 
 
 async def _callbacks_raising(kind: str) -> None:
