@@ -39,13 +39,15 @@ Tests that need another thread to feed the ring they wait on therefore cannot pa
 are deselected (PYTEST_DESELECT), and a scenario or test that fails or times out under valgrind
 is listed as a note, not counted: behaviour is the normal suite's to check.
 
-How it runs.  The torture scenarios run in ``--jobs`` fork servers (torture_forks.py), which
-import everything once and fork a child per scenario: a fresh interpreter per scenario would
-cost seconds of valgrind start-up each.  Each test file runs in one pytest process.  Children are
+How it runs.  The torture scenarios run in a few fork servers (torture_forks.py), which import
+everything once and fork a child per scenario: a fresh interpreter per scenario would cost
+seconds of valgrind start-up each.  Each test file runs in one pytest process.  Children are
 traced (``--trace-children=yes``): the tests' isolated subprocesses run under valgrind too.
-Jobs run ``--jobs`` at a time (default: one per CPU).  Exit status: 0 clean, 1 an error in our
-code or a check that could not run (a job that crashed, timed out or collected no test), 2
-valgrind missing.
+Jobs run ``--jobs`` at a time (default: one per CPU), longest first.  By default: every torture
+scenario and tests/test_misuse.py, about 500 CPU-seconds, 5-6 minutes on 2 vCPUs; ``--full``
+adds the lifetime, buffer, buffer-ring and state-machine test files (about 960 CPU-seconds,
+10 minutes).  Exit status: 0 clean, 1 an error in our code or a check that could not run (a job
+that crashed, timed out or collected no test), 2 valgrind missing.
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ SUPPRESSIONS = os.path.join(HERE, "python.supp")
 SKIP_STATUS = 77  # tests/torture/harness.py: the kernel lacks what the scenario needs
 
 #: The safety test files run by default, each in one pytest process: with the torture scenarios
-#: they fill the time budget (about 5 minutes on 2 vCPUs; see the module docstring).
+#: they fill the time budget (about 5 minutes on 2 vCPUs, about 500 CPU-seconds).
 DEFAULT_PYTEST_FILES = ("tests/test_misuse.py",)
-#: Added by --full (about 10 minutes more CPU time on top, so about 10 minutes on 2 vCPUs all told).
+#: Added by --full (about 450 CPU-seconds more: about 10 minutes on 2 vCPUs all told).
 EXTRA_PYTEST_FILES = (
     "tests/test_lifetimes.py",
     "tests/test_buffers.py",
@@ -108,9 +110,9 @@ TORTURE_DESELECT = (
     "keyboard_interrupt_during_run_iteration_and_close",    # the same, inside run() and close()
     "interpreter_exit_with_thread_blocked_in_wait",         # the exit must run while it waits
 )
-#: CPU seconds under valgrind (this machine, ``-m "not slow"``), for scheduling longest first.
-PYTEST_COST = {"test_buffers.py": 300, "test_buffer_rings.py": 250, "test_misuse.py": 200,
-               "test_lifetimes.py": 120, "test_state_machine.py": 120}
+#: CPU seconds under valgrind (2 vCPUs, ``-m "not slow"``), for scheduling longest first.
+PYTEST_COST = {"test_misuse.py": 170, "test_buffers.py": 165, "test_buffer_rings.py": 135,
+               "test_lifetimes.py": 110, "test_state_machine.py": 85}
 
 #: Error kinds that fail the run when our code is on the stack (valgrind's XML names;
 #: "SyscallParam" covers every "Syscall param ... points to uninitialised byte(s)").
@@ -689,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"test files to run (default: {' '.join(DEFAULT_PYTEST_FILES)})")
     ap.add_argument("--marks", default=PYTEST_MARKS, help=f"pytest -m (default: {PYTEST_MARKS!r})")
     ap.add_argument("--torture-parts", type=int, default=0,
-                    help="fork-server processes for the scenarios (default: --jobs)")
+                    help="fork-server processes for the scenarios (default: twice --jobs when "
+                         "fewer test files than --jobs run beside them, else --jobs)")
     ap.add_argument("--no-trace-children", action="store_true",
                     help="do not run the tests' subprocesses under valgrind")
     ap.add_argument("--track-origins", action="store_true",
