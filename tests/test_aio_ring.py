@@ -430,6 +430,65 @@ def test_many_concurrent_recvs(arun: Run, submit: str) -> None:
     arun(main)
 
 
+def _first_step(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any]:
+    """Run ``coro`` up to its first suspension: ``(False, result)`` if it finished without
+    suspending, ``(True, future)`` with the future it waits on otherwise."""
+    try:
+        fut = coro.send(None)
+    except StopIteration as stop:
+        return False, stop.value
+    return True, fut
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], fut: Any) -> Any:
+    """Resume a coroutine that ``_first_step`` left waiting on ``fut`` until it returns."""
+    while True:
+        fut._asyncio_future_blocking = False  # what a Task does with the future it is handed
+        await fut
+        try:
+            fut = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+
+def test_inline_submission_batches_after_a_request_that_waits(arun: Run) -> None:
+    """submit="inline": a request that completes at submission never suspends its task; after
+    one that waits (a receive on an empty socket), the requests queued later in the same loop
+    iteration are not entered one by one but wait for its end and reach the kernel in one
+    submission; the next iteration is inline again."""
+    async def main() -> None:
+        a, b = socket.socketpair()
+        try:
+            async with checked_ring(submit="inline") as aring:
+                stats = aring.ring.stats
+                await asyncio.sleep(0)
+                suspended, result = _first_step(aring.nop())
+                assert (suspended, result) == (False, 0)  # completed inside the await
+                buf = bytearray(16)
+                recv = aring.recv(b.fileno(), buf)
+                suspended, recv_fut = _first_step(recv)
+                assert suspended  # nothing to receive: it waits for the peer
+                submitted = stats().submitted
+                nops = [aring.nop() for _ in range(3)]
+                steps = [_first_step(c) for c in nops]
+                assert all(s for s, _ in steps)  # queued for the end of the iteration...
+                assert stats().submitted == submitted  # ...not entered one at a time
+                assert stats().in_flight == 4
+                results = [await _finish(c, f) for c, (_, f) in zip(nops, steps, strict=True)]
+                assert results == [0, 0, 0]
+                assert stats().submitted == submitted + 3
+                await asyncio.sleep(0)
+                assert _first_step(aring.nop()) == (False, 0)  # inline again
+                a.send(b"after")
+                assert await asyncio.wait_for(_finish(recv, recv_fut), 5) == 5
+                assert bytes(buf[:5]) == b"after"
+        finally:
+            a.close()
+            b.close()
+
+    arun(main)
+
+
 # -- multishot ---------------------------------------------------------------------------------
 
 def test_accept_multishot_async_for(arun: Run) -> None:

@@ -229,7 +229,7 @@ class AsyncFile(_Lines[bytes]):
     async def _await(self, op: Operation[Any], salvage: Any, *args: Any) -> Any:
         """Submit ``op`` and return its result; a cancelled task leaves it to ``salvage``."""
         aring = self._aring
-        aring._submit_soon()
+        aring._submit_soon(op)
         if op._res is None:
             self._pending = op
             await aring._until_done(op, salvage, (self, *args), cancel=False)
@@ -414,7 +414,7 @@ class AsyncFile(_Lines[bytes]):
             await self.flush()
         buf = self._aligned(size) if self._direct else bytearray(size)
         op = aring._ring.read(self._fd, buf, offset)
-        aring._submit_soon()
+        aring._submit_soon(op)
         if op._res is None:
             await aring._until_done(op, None, ())
         n = op.result()

@@ -150,7 +150,9 @@ class AsyncRing:
     thread, and raises :class:`~saferring.WrongLoopError` when used from another loop.
     ``entries`` and the keyword ``options`` are :class:`~saferring.Ring`'s.  ``submit`` is
     ``"inline"`` (hand each operation to the kernel as it is awaited; one that completes at once
-    costs no trip through the loop) or ``"deferred"`` (one submission per loop iteration).
+    costs no trip through the loop; after one that did not, the rest of that loop iteration's
+    operations reach the kernel together at its end) or ``"deferred"`` (one submission per loop
+    iteration).
 
     Every operation method of :class:`~saferring.Ring` is a coroutine here that returns the
     operation's result or raises its error (``n = await aring.read(fd, buf, 0)``).  Operations
@@ -166,8 +168,9 @@ class AsyncRing:
     synchronously.
     """
 
-    __slots__ = ("__weakref__", "_closer", "_closing", "_dispatching", "_fd", "_futures", "_idle", "_inline",
-                 "_kept", "_loop", "_more_waiters", "_nowait_buf", "_orphans", "_ring", "_scheduled",
+    __slots__ = ("__weakref__", "_closer", "_closing", "_dispatching", "_fd", "_futures", "_idle",
+                 "_inline", "_inline_now", "_kept", "_loop", "_more_waiters", "_nowait_buf",
+                 "_orphans", "_ring", "_scheduled",
                  "_settle_waiters", "_thread", "_transport_buffers", "_unsettled", "_watchers")
 
     def __init__(self, entries: int = 256, *, submit: str = "inline", **options: Any) -> None:
@@ -179,6 +182,7 @@ class AsyncRing:
                                  "coroutine (or use saferring.aio.get_ring())")
         self._loop = loop
         self._inline = submit == "inline"
+        self._inline_now = self._inline  # False after an inline miss, until the iteration ends
         self._futures: dict[int, asyncio.Future[None]] = {}
         # Tasks beyond the first awaiting the same operation (two tasks in aring.run(op), an
         # AsyncMultishot's aclose() while another task iterates): each has a future of its own,
@@ -294,6 +298,7 @@ class AsyncRing:
 
     def _flush(self) -> None:
         self._scheduled = False
+        self._inline_now = self._inline
         if not self._ring.closed:
             self._poll()
 
@@ -311,8 +316,10 @@ class AsyncRing:
     async def _complete(self, op: Operation[Any], salvage: _Salvage | None = None,
                         *args: Any) -> Any:
         """Submit ``op`` (unless it is already done), wait for its final CQE, return its result."""
-        if self._inline:
+        if self._inline_now:
             self._poll()
+            if op._res is None:
+                self._inline_missed()
         else:
             self._schedule()
         if op._res is None:
@@ -361,12 +368,24 @@ class AsyncRing:
         first = self._futures.get(ud)
         return (first is not None and not first.done()) or ud in self._more_waiters
 
-    def _submit_soon(self) -> None:
-        """Hand what is queued to the kernel: now (inline) or at the end of this iteration."""
-        if self._inline:
+    def _submit_soon(self, op: Operation[Any]) -> None:
+        """Hand what is queued (``op`` last) to the kernel: now (inline) or at the end of this
+        iteration."""
+        if self._inline_now:
             self._poll()
+            if op._res is None:
+                self._inline_missed()
         else:
             self._schedule()
+
+    def _inline_missed(self) -> None:
+        """An operation submitted inline did not complete at submission: it waits for a device
+        or a peer.  Submitting the ones queued after it in this loop iteration with one
+        ``io_uring_enter`` each would then cost a system call apiece for nothing (and split
+        ``O_DIRECT`` reads into one device batch apiece), so they wait for the end of the
+        iteration and reach the kernel together; the next iteration starts inline again."""
+        self._inline_now = False
+        self._schedule()
 
     def _abandon(self, op: Operation[Any], salvage: _Salvage | None, args: tuple[Any, ...],
                  cancel: bool = True) -> None:
@@ -634,8 +653,10 @@ class AsyncRing:
             if n is not None:
                 return n
         op = self._ring.read(fd, buffer, offset)
-        if self._inline:
+        if self._inline_now:
             self._poll()
+            if op._res is None:
+                self._inline_missed()
         else:
             self._schedule()
         if op._res is None:
@@ -654,8 +675,10 @@ class AsyncRing:
             if n is not None:
                 return n
         op = self._ring.recv(fd, buffer, flags)
-        if self._inline:
+        if self._inline_now:
             self._poll()
+            if op._res is None:
+                self._inline_missed()
         else:
             self._schedule()
         if op._res is None:
@@ -680,8 +703,10 @@ class AsyncRing:
         if _get_running_loop() is not self._loop:
             self._check_loop()
         op = self._ring.write(fd, data, offset)
-        if self._inline:
+        if self._inline_now:
             self._poll()
+            if op._res is None:
+                self._inline_missed()
         else:
             self._schedule()
         if op._res is None:
@@ -693,8 +718,10 @@ class AsyncRing:
         if _get_running_loop() is not self._loop:
             self._check_loop()
         op = self._ring.send(fd, data, flags)
-        if self._inline:
+        if self._inline_now:
             self._poll()
+            if op._res is None:
+                self._inline_missed()
         else:
             self._schedule()
         if op._res is None:
