@@ -1244,6 +1244,7 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         messages = self._others
         cancelled = self._cancelled
         append = self._ready.append
+        gen = self._ready_gen  # (only wait() and the asyncio driver move it, never this loop)
         # Shaped like _consume: no call before a final CQE is recorded in _res (a call is where
         # a signal handler can raise; recovery then finds the op by its _res).
         for ud, res, flags in items:
@@ -1253,7 +1254,9 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
                     # Recorded by a builtin (deque.append) before any Python call: a signal
                     # cannot lose the value (an accepted descriptor, a send's byte count).
                     op._items.append((res, flags) if op._wants_flags else res)  # type: ignore[attr-defined]  # flagged kinds have it
-                    self._list_ready(op)
+                    if getattr(op, "_mark", -1) != gen:  # _list_ready, written out (hot)
+                        op._mark = gen
+                        append(op)
                     if op._on_arrival:  # values turned into objects while the moment is right
                         op._arrived()  # type: ignore[attr-defined]
                 elif op._plain_final and not ud & _UD_FLAGGED:

@@ -156,6 +156,18 @@ class RingTransport(asyncio.Transport):
 
     def _on_recv(self, op: Operation[Any]) -> None:
         items = op._items  # type: ignore[attr-defined]
+        if op._res is None and len(items) == 1 and type(items[0]) is bytes and not (
+                self._paused or self._held or self._closing or self._buffered):
+            # The usual case, written out: one chunk for a plain Protocol that is reading, of
+            # a receive that goes on.
+            data = items.popleft()
+            try:
+                self._protocol.data_received(data)  # type: ignore[attr-defined]
+            except BaseException as exc:
+                self._fatal(exc, "data_received() failed")
+                if not isinstance(exc, Exception):
+                    raise
+            return
         # The usual case, one chunk, without take()'s loop.
         one = len(items) == 1 and type(items[0]) is bytes
         chunks = [items.popleft()] if one else op.take()  # type: ignore[attr-defined]
