@@ -12,7 +12,9 @@ aio-read4k-cached-seq
     ``run_in_executor`` (``os.pread`` in the default thread pool) and
     ``preadv2_nowait_loop_thread`` (``os.preadv(..., RWF_NOWAIT)`` on the loop thread, the
     executor only when the kernel refuses).  The saferring aring and file contenders also run on
-    uvloop (``_uvloop``).
+    uvloop (``_uvloop``).  ``asyncio_floor`` is no I/O library but the ceiling of any
+    completion-based one: each read suspends its task once (a future the next loop iteration
+    resolves), then calls ``os.pread``.
 
 aio-read4k-cached-gather32
     The same contenders, but each batch of 32 reads is issued at once with ``asyncio.gather``
@@ -392,6 +394,36 @@ def _preadv2_nowait(df: Any, mode: str, who: str, aligned: bool) -> Any:
     return prepare
 
 
+def _asyncio_floor(df: Any, mode: str, who: str) -> Any:
+    """Not an I/O library: each read suspends its task once on a future that the next loop
+    iteration resolves, then reads with ``os.pread``.  That suspension is the least any
+    completion-based asyncio API pays for a read that does not finish at once (a future, a
+    trip through the loop, the task's wake-up), so this contender is the ceiling for such
+    reads on this machine's asyncio; in gathered batches it adds the 32 tasks that ``gather``
+    wraps the coroutines in."""
+    async def prepare() -> Prepared:
+        loop = asyncio.get_running_loop()
+        fd, block, pread = df.fd, df.block, os.pread
+        waiting: list[asyncio.Future[None]] = []
+
+        def resolve() -> None:
+            for fut in waiting:
+                fut.set_result(None)
+            waiting.clear()
+
+        async def read_one(off: int) -> bytes:
+            fut = loop.create_future()
+            waiting.append(fut)
+            if len(waiting) == 1:
+                loop.call_soon(resolve)
+            await fut
+            return pread(fd, block, off)
+
+        return Prepared(_bytes_batch(read_one, df, mode, who))
+
+    return prepare
+
+
 def _uvloop() -> Any:
     return pytest.importorskip("uvloop").new_event_loop
 
@@ -465,6 +497,12 @@ def test_aio_preadv2_nowait_loop_thread(benchmark: Any, cached_file: Any, mode: 
     who = "preadv2_nowait_loop_thread"
     _bench_async(benchmark, cached_file, MODES[mode], who,
                  _preadv2_nowait(cached_file, mode, who, aligned=False))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_aio_asyncio_floor(benchmark: Any, cached_file: Any, mode: str) -> None:
+    _bench_async(benchmark, cached_file, MODES[mode], "asyncio_floor",
+                 _asyncio_floor(cached_file, mode, "asyncio_floor"))
 
 
 # -- aio-read4k-odirect-gather32 --------------------------------------------------------------------
