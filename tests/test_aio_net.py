@@ -1288,6 +1288,56 @@ def test_stream_read_methods(arun: Run, net: Net) -> None:
     arun(main)
 
 
+def test_stream_read_n_chunk_handover_edges(arun: Run, net: Net) -> None:
+    """read(n) of a waiting reader: a chunk longer than n is returned n bytes at a time, in
+    order; a task cancelled after data reached its read but before it resumed loses nothing
+    (the next read returns it, before what arrives later); feed_eof() and set_exception() wake
+    a waiting read(n) as asyncio's reader does."""
+    async def main() -> None:
+        server = await net.start_server(echo_handler)
+        reader, writer = await net.open_connection(HOST, port_of(server))
+        writer.write(b"0123456789")
+        got = b""
+        while len(got) < 10:
+            part = await bounded(reader.read(4))
+            assert 1 <= len(part) <= 4, part
+            got += part
+        assert got == b"0123456789"
+
+        for _ in range(3):  # a read waiting for data, handed a chunk, then cancelled
+            task = asyncio.ensure_future(reader.read(100))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not task.done()
+            reader.feed_data(b"abc")  # what the protocol calls when a chunk arrives
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            writer.write(b"xyz")
+            got = b""
+            while len(got) < 6:
+                got += await bounded(reader.read(100))
+            assert got == b"abcxyz"
+
+        eof_reader = type(reader)(loop=asyncio.get_running_loop())
+        task = asyncio.ensure_future(eof_reader.read(10))
+        await asyncio.sleep(0)
+        eof_reader.feed_eof()
+        assert await bounded(task) == b""
+        failing = type(reader)(loop=asyncio.get_running_loop())
+        task = asyncio.ensure_future(failing.read(10))
+        await asyncio.sleep(0)
+        failing.set_exception(ConnectionResetError("from the test"))
+        with pytest.raises(ConnectionResetError, match="from the test"):
+            await bounded(task)
+        writer.write_eof()  # the server's handler ends: its close is our end of stream
+        assert await bounded(reader.read(100)) == b""
+        writer.close()
+        await bounded(writer.wait_closed())
+
+    arun(main)
+
+
 def test_stream_readexactly_at_eof(arun: Run, net: Net) -> None:
     """readexactly() past the end of stream raises IncompleteReadError with the partial bytes,
     after which at_eof() is true and read() returns b''."""

@@ -809,6 +809,58 @@ async def create_connection(protocol_factory: Callable[[], asyncio.BaseProtocol]
 # -- streams: asyncio's StreamReader/StreamWriter over these transports ----------------------
 
 
+class _StreamReader(asyncio.StreamReader):
+    """asyncio's StreamReader, whose ``read(n)`` takes a chunk straight from the transport when
+    it was waiting with an empty buffer and the chunk fits in ``n``: no copy into the buffer and
+    out of it again, no slicing (the common case of a server that reads what arrives).
+    Everything else (``readline``, ``readexactly``, data that arrives while nobody waits) is
+    asyncio's own code, on the same buffer, in the same order."""
+
+    _want = 0  # while read(n) waits for a chunk to hand over: n; otherwise 0
+
+    async def read(self, n: int = -1) -> bytes:
+        this: Any = self  # asyncio's private attributes, which typeshed does not declare
+        if n > 0 and not this._buffer and this._waiter is None and not this._eof \
+                and this._exception is None:
+            if this._paused:  # waiting while paused would wait forever (as asyncio does)
+                this._paused = False
+                this._transport.resume_reading()
+            fut = this._waiter = this._loop.create_future()
+            self._want = n
+            try:
+                got = await fut
+            except asyncio.CancelledError:
+                # Cancelled after a chunk was handed over: it goes back in front of the
+                # buffer, for the next read, so nothing is lost.
+                if fut.done() and not fut.cancelled() and fut.exception() is None \
+                        and type(fut.result()) is bytes:
+                    this._buffer[0:0] = fut.result()
+                raise
+            finally:
+                if this._waiter is fut:
+                    this._waiter = None
+                self._want = 0
+            if type(got) is bytes:
+                return got
+        return await super().read(n)
+
+    def feed_data(self, data: Any) -> None:
+        """Hand ``data`` to a ``read(n)`` that waits for it, else buffer it as asyncio does."""
+        want = self._want
+        if want and type(data) is bytes and 0 < len(data) <= want:
+            this: Any = self
+            waiter = this._waiter
+            if waiter is not None and not waiter.done() and not this._buffer:
+                # As asyncio's _wakeup_waiter: the waiter is dropped once woken, so what
+                # arrives before the task resumes is buffered behind this chunk.
+                this._waiter = None
+                self._want = 0
+                waiter.set_result(data)
+                return
+        super().feed_data(data)
+
+
+
 async def open_connection(host: str | None = None, port: int | None = None, *,
                           limit: int = 2 ** 16, ring: AsyncRing | None = None,
                           **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -816,7 +868,7 @@ async def open_connection(host: str | None = None, port: int | None = None, *,
     :func:`asyncio.open_connection` returns, over a :class:`RingTransport`."""
     ring = _get_ring(ring)  # WrongLoopError before anything is made
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    reader = _StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await create_connection(lambda: protocol, host, port, ring=ring, **kwargs)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -834,7 +886,7 @@ async def start_server(client_connected_cb: Callable[[asyncio.StreamReader, asyn
     loop = asyncio.get_running_loop()
 
     def factory() -> asyncio.StreamReaderProtocol:
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        reader = _StreamReader(limit=limit, loop=loop)
         return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
     return await create_server(factory, host, port, ring=ring, **kwargs)
