@@ -87,13 +87,19 @@ async def until(pred: Callable[[], bool], limit: float = 5.0) -> None:
 
 
 async def reap_without_yielding(aring: AsyncRing, pred: Callable[[], bool],
-                                limit: float = 5.0) -> None:
-    """Collect completions on ``aring`` (an inline ring: each ``nop`` submits and reaps, and
-    completes without suspending) until ``pred()`` holds, without letting any other task run:
-    a task whose request completed is then woken but has not resumed yet."""
+                                poke: Callable[[], None] | None = None,
+                                limit: float = 10.0) -> None:
+    """Collect completions on ``aring`` until ``pred()`` holds, without letting any other task
+    run: a task whose request completed is then woken but has not resumed yet (cancelling it
+    now is the "completion and cancel in the same loop iteration" case).  ``poke()`` runs between
+    reaps (to drain a peer, say).  It drives the ring's poll itself: an awaited ``nop`` would
+    not do, since inline submission defers the rest of a loop iteration after a request that
+    did not complete at once."""
     deadline = time.monotonic() + limit
     while True:
-        await aring.nop()
+        if poke is not None:
+            poke()
+        aring._poll()
         if pred():
             return
         assert time.monotonic() < deadline, "completion not collected in time"

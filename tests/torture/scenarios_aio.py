@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from harness import Context, scenario
 
 import saferring
-from _aio import LOOP_KINDS, hang_guard, new_loop
+from _aio import LOOP_KINDS, hang_guard, new_loop, reap_without_yielding
 from _aio import run as run_loop
 from saferring import aio
 from saferring.aio import AsyncRing
@@ -102,25 +102,6 @@ async def checked_ring(entries: int = 64, **options: Any) -> AsyncIterator[Async
     finally:
         await aring.aclose()
     assert aring.closed
-
-
-async def reap_without_yielding(aring: AsyncRing, pred: Callable[[], bool],
-                                poke: Callable[[], None] | None = None) -> None:
-    """Collect completions on the inline ring ``aring`` until ``pred()`` holds, without letting
-    any other task run: each ``nop`` is submitted and reaped inside the call (it completes at
-    submission, so the coroutine never suspends), and the reap dispatches every other completion
-    too.  A task whose request completed is then woken but has not resumed: cancelling it now
-    is the "completion and cancel in the same loop iteration" case.  ``poke()`` runs between
-    reaps (to drain a peer, say)."""
-    deadline = time.monotonic() + LIMIT
-    while True:
-        if poke is not None:
-            poke()
-        await aring.nop()
-        if pred():
-            return
-        assert time.monotonic() < deadline, "completion not collected in time"
-        time.sleep(0.001)  # blocking on purpose: no other task may run meanwhile
 
 
 async def cancel_promptly(task: asyncio.Task[Any]) -> tuple[bool, Any]:
