@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
+import time
 
 import pytest
 
@@ -87,3 +92,26 @@ def kernel_lacks(requirement: str) -> str | None:
             return None
         return f"the kernel lacks {name} (tried; Linux {f.capability_since(name)})"
     raise ValueError(f"unknown requirement kind in {requirement!r}")
+
+
+def fill_peer_window(tx: socket.socket, byte: bytes = b"\0") -> int:
+    """Send ``byte`` in 4 KiB pieces until the peer's receive window is full while ``tx``'s
+    (enlarged) send buffer still has room, so that a later send is queued in the socket, neither
+    sent nor blocked.  Returns how many bytes were sent."""
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    tx.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            try:
+                sent += tx.send(byte * 4096)
+            except BlockingIOError:
+                break
+            unsent = struct.unpack("i", fcntl.ioctl(tx.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            if unsent > 0:
+                time.sleep(0.05)
+                break
+    finally:
+        tx.setblocking(True)
+    return sent

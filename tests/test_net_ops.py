@@ -24,7 +24,7 @@ import pytest
 import saferring
 from saferring import OpState
 
-from _helpers import kernel_lacks
+from _helpers import fill_peer_window, kernel_lacks
 
 LOCAL4 = "127.0.0.1"
 LOCAL6 = "::1"
@@ -1212,24 +1212,6 @@ def test_stats_with_empty_message(ring: saferring.Ring,
     assert b.recv(1) == b"x"
 
 
-def _fill_peer_window(tx: socket.socket) -> None:
-    """Send until the peer's receive window is full while the send buffer still has room, so
-    that a later send is queued in the socket, not sent and not blocked."""
-    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    tx.setblocking(False)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            tx.send(b"f" * 4096)
-        except BlockingIOError:
-            break
-        unsent = struct.unpack("i", fcntl.ioctl(tx.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-        if unsent > 0:
-            time.sleep(0.05)
-            break
-    tx.setblocking(True)
-
-
 def test_close_timeout_with_stuck_zero_copy_send() -> None:
     """A zero-copy send whose data the peer never reads keeps its buffer until the socket goes:
     close(timeout) raises TimeoutError and leaves the ring open and consistent; after the socket
@@ -1244,7 +1226,7 @@ def test_close_timeout_with_stuck_zero_copy_send() -> None:
         rx.connect(lst.getsockname())
         tx, _ = lst.accept()
     try:
-        _fill_peer_window(tx)
+        fill_peer_window(tx, b"f")
         data = bytearray(65536)
         op = ring.send_zc(tx, data)
         ring.submit()

@@ -54,29 +54,6 @@ _RECVSEND_FIXED_BUF = 1 << 2  # IORING_RECVSEND_FIXED_BUF (in the SQE's ioprio)
 _NEG_ENOBUFS = -errno.ENOBUFS
 
 
-class _OwnedFd:
-    """A duplicate of the caller's descriptor, closed when the operation that uses it ends: a
-    re-armed request must reach the same file even if the caller's number is closed and
-    reused meanwhile (the kernel holds the file the same way for a request in flight)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = -1
-        self.fd = os.dup(fd)
-
-    def __del__(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-
-    @classmethod
-    def _pinned_size(cls, obj: object) -> int:
-        return 0
-
-
 class BufferOps(OpsBase):
     """Registered buffers, buffer rings and the operations that use them (mixed into Ring)."""
 
@@ -614,7 +591,7 @@ class BufferOps(OpsBase):
                             "FixedFile (a re-armed request must reach the same file)")
         self._require(opcode)
         fd, _flags = self._fd(fd)
-        owned = _OwnedFd(fd)
+        owned = _pinning.OwnedFd(fd)
         ioprio = _RECV_MULTISHOT if multishot and opcode == OP["RECV"] else 0
         op: Any = _new_op(cls, self, (br, owned), self._take_flagged_ud())
         op._label = label

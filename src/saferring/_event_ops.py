@@ -399,12 +399,10 @@ class EventOps(OpsBase):
         res = _pinning.index(res, "res")
         if not -(1 << 31) <= res < 1 << 31:
             raise ValueError(f"res must be a 32-bit signed int, got {res}")
-        from ._buffer_ops import _OwnedFd
-
         # The request names the target by descriptor, resolved when the kernel runs it: hold a
         # duplicate, so that if the target is closed meanwhile and its number reused by another
         # ring, the message still goes to the ring it was meant for (which nobody reads).
-        owned = _OwnedFd(fd)
+        owned = _pinning.OwnedFd(fd)
         op = self._plain_op("msg_ring", owned)
         # addr = IORING_MSG_DATA (0); len carries res, off the target's user_data.
         return self._queue_ext(op, OP["MSG_RING"], owned.fd, 0, res & _MAX_U32,  # type: ignore[no-any-return]

@@ -233,3 +233,28 @@ def check_offset(offset: int) -> None:
     if not -1 <= offset <= MAX_OFFSET:
         raise ValueError(f"offset must be between 0 and 2**63-1, or -1 for the file position; "
                          f"got {offset}")
+
+
+class OwnedFd:
+    """A duplicate of the caller's descriptor, pinned by the operation that names a file by
+    number when the kernel runs it (a re-armed receive, ``msg_ring``'s target) and closed when
+    that operation ends: the request reaches the same file even if the caller's number is
+    closed and reused meanwhile (the kernel holds the file the same way for a request in
+    flight)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = -1
+        self.fd = os.dup(fd)
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+    @classmethod
+    def _pinned_size(cls, obj: object) -> int:
+        return 0

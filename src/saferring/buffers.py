@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any
 from ._binding import ffi, lib
 from ._guard import _get_ident
 from .errors import (
+    RAISE_MEMLOCK,
     BufferBusyError,
     MemlockLimitError,
     OperationStateError,
     has_capability,
     os_error,
     process_status,
+    rlimit_text,
 )
 
 if TYPE_CHECKING:
@@ -524,15 +526,13 @@ def memlock_error(code: int, nbytes: int) -> Exception:
         return os_error(code, "io_uring_register_buffers")
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = rlimit_text(resource.RLIMIT_MEMLOCK)
     pages = -(-nbytes // PAGE)
-    if soft == resource.RLIM_INFINITY:
+    if limit is None:
         return MemlockLimitError(
             f"the kernel could not pin {nbytes} bytes ({pages} page(s)) for a buffer "
             "registration (ENOMEM), and RLIMIT_MEMLOCK is unlimited: the system (or its memory "
             "cgroup) is short of memory; use fewer or smaller buffers.")
-    top = "unlimited" if hard == resource.RLIM_INFINITY else f"{hard} bytes"
-    limit = f"now {soft} bytes, hard limit {top}"
     has_ipc_lock = has_capability(process_status(), 14)  # CAP_IPC_LOCK
     who = {True: "this process has CAP_IPC_LOCK, which exempts rings created with it: if this "
                  "one was, the system is short of memory instead",
@@ -542,8 +542,8 @@ def memlock_error(code: int, nbytes: int) -> Exception:
         f"the kernel could not pin {nbytes} bytes ({pages} page(s)) for a buffer registration "
         f"(ENOMEM): RLIMIT_MEMLOCK ({limit}) is too low. Pinned io_uring memory counts against "
         f"it ({who}), per user: the pages of every ring and registration of this user's "
-        "processes add up. Raise it (ulimit -l, LimitMEMLOCK= in a systemd unit, memlock in "
-        "/etc/security/limits.conf), run with CAP_IPC_LOCK, or use fewer or smaller buffers.")
+        f"processes add up. Raise it ({RAISE_MEMLOCK}), run with CAP_IPC_LOCK, or use fewer "
+        "or smaller buffers.")
 
 
 class BufferRing(_Owner):

@@ -107,6 +107,22 @@ def has_capability(status: dict[str, str], bit: int) -> bool | None:
         return None
 
 
+#: Where RLIMIT_MEMLOCK is raised, for the messages that name it.
+RAISE_MEMLOCK = "ulimit -l, LimitMEMLOCK= in a systemd unit, memlock in /etc/security/limits.conf"
+
+
+def rlimit_text(which: int) -> str | None:
+    """``"now N bytes, hard limit M bytes"`` for the resource limit ``which`` (a
+    ``resource.RLIMIT_*``), or None when its soft limit is unlimited."""
+    import resource
+
+    soft, hard = resource.getrlimit(which)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    top = "unlimited" if hard == resource.RLIM_INFINITY else f"{hard} bytes"
+    return f"now {soft} bytes, hard limit {top}"
+
+
 def os_error(code: int, what: str | None = None) -> OSError:
     """Return the :class:`OSError` (subclass chosen by Python from ``code``) for a positive errno."""
     message = os.strerror(code)

@@ -59,6 +59,7 @@ from ._state import COMPLETED as _COMPLETED
 from ._state import FAILED as _FAILED
 from .buffers import Buffer, BufferRing
 from .errors import (
+    RAISE_MEMLOCK,
     ForkedRingError,
     OperationStateError,
     RingClosedError,
@@ -69,6 +70,7 @@ from .errors import (
     os_error,
     process_status,
     read_proc,
+    rlimit_text,
 )
 from .features import OP, Features, build_features, opcode_name, since, supported_table
 from .fixed import FileTable, FixedFile
@@ -1560,15 +1562,8 @@ def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
     if code == errno.ENOMEM:
         import resource
 
-        def limit(which: int) -> str | None:
-            soft, hard = resource.getrlimit(which)
-            if soft == resource.RLIM_INFINITY:
-                return None
-            top = "unlimited" if hard == resource.RLIM_INFINITY else f"{hard} bytes"
-            return f"now {soft} bytes, hard limit {top}"
-
         causes = []
-        memlock = limit(resource.RLIMIT_MEMLOCK)
+        memlock = rlimit_text(resource.RLIMIT_MEMLOCK)
         if memlock is not None and has_capability(status, 14) is not True:  # CAP_IPC_LOCK
             # For processes without CAP_IPC_LOCK, kernels before 5.12 charge a ring's memory
             # to RLIMIT_MEMLOCK, and so do recent ones (6.18 refuses Ring(8) under a zero
@@ -1576,9 +1571,8 @@ def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
             causes.append(
                 f"RLIMIT_MEMLOCK ({memlock}): this process lacks CAP_IPC_LOCK, and the kernel "
                 "may charge the ring's memory to that limit, counted for all of this user's "
-                "processes (raise it: ulimit -l, LimitMEMLOCK= in a systemd unit, memlock in "
-                "/etc/security/limits.conf)")
-        address_space = limit(resource.RLIMIT_AS)
+                f"processes (raise it: {RAISE_MEMLOCK})")
+        address_space = rlimit_text(resource.RLIMIT_AS)
         if address_space is not None:
             causes.append(f"RLIMIT_AS ({address_space}): mapping the queues into this process "
                           "counts against it (raise it: ulimit -v)")

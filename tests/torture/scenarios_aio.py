@@ -104,6 +104,15 @@ async def checked_ring(entries: int = 64, **options: Any) -> AsyncIterator[Async
     assert aring.closed
 
 
+def _assert_closed(fd: int, what: str) -> None:
+    """``fd`` names no open file any more (``what`` says whose it was)."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return
+    raise AssertionError(f"{what} was left open")
+
+
 async def cancel_promptly(task: asyncio.Task[Any]) -> tuple[bool, Any]:
     """Cancel ``task``; it must end within PROMPT_TURNS loop iterations, with no I/O needed.
     Returns ``(True, None)`` if it ended cancelled, ``(False, result)`` if it had already
@@ -912,12 +921,7 @@ def _loop_closed_by_hand(ctx: Context, kind: str, how: str) -> None:
             gc.collect()
     assert ring_ref() is None, "the ring of a closed loop was never freed"
     assert destroyed and all("destroyed but it is pending" in m for m in destroyed), destroyed
-    try:
-        os.fstat(file_fd)
-    except OSError:
-        pass
-    else:
-        raise AssertionError("the dropped AsyncFile's descriptor was left open")
+    _assert_closed(file_fd, "the dropped AsyncFile's descriptor")
 
 
 @scenario()
@@ -1022,12 +1026,7 @@ def aio_shared_ring_closed_with_its_loop_mid_flight(ctx: Context) -> None:
         del work, state
         for _ in range(3):
             gc.collect()
-        try:
-            os.fstat(file_fd)
-        except OSError:
-            pass
-        else:
-            raise AssertionError("the dropped AsyncFile's descriptor was left open")
+        _assert_closed(file_fd, "the dropped AsyncFile's descriptor")
 
         async def fresh(old: AsyncRing = aring) -> None:
             assert aio.get_ring() is not old and await aio.get_ring().nop() == 0

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import collections
 import errno
-import fcntl
 import gc
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import termios
 import textwrap
 import threading
 import time
@@ -33,6 +30,8 @@ from harness import Context, byte_pattern, collect_until, scenario
 import saferring
 from saferring import OpState
 from saferring.ring import _graveyard
+
+from _helpers import fill_peer_window
 
 FINAL = {OpState.COMPLETED, OpState.FAILED, OpState.CANCELLED}
 
@@ -72,6 +71,17 @@ def _drain_sock(sock: socket.socket) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _drain_while_pending(ring: saferring.Ring, ops: list[Any], drain: Callable[[], bytes]) -> bytes:
+    """What ``drain()`` reads while any of ``ops`` is unfinished (reaping in between, 10 s at
+    most), and once more after: the peer side of writes or sends that need room to finish."""
+    got = bytearray()
+    deadline = time.monotonic() + 10
+    while not all(op.done() for op in ops) and time.monotonic() < deadline:
+        got += drain()
+        ring.wait(0, timeout=0.01)
+    return bytes(got + drain())
 
 
 def _fill_pipe(w: int) -> int:
@@ -465,22 +475,9 @@ def close_timeout_with_unread_zero_copy_sends(ctx: Context) -> None:
     ring = ctx.ring(16)
     client, server = _tcp_pair(rcvbuf=4096)
     ctx.sockets += [client, server]
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     # Fill the peer's window while the send buffer keeps room: later sends are queued in the
     # socket (their CQE comes, the notification waits for the data to leave).
-    client.setblocking(False)
-    fill = 0
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            fill += client.send(b"\0" * 4096)
-        except BlockingIOError:
-            break
-        unsent = struct.unpack("i", fcntl.ioctl(client.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-        if unsent > 0:
-            time.sleep(0.05)
-            break
-    client.setblocking(True)
+    fill = fill_peer_window(client)
     sends = [ring.send_zc(client, bytearray(byte_pattern(i, 2000))) for i in range(20)]
     ring.submit()
     gc.collect()
@@ -1253,21 +1250,11 @@ def fd_number_reused_while_write_in_flight(ctx: Context) -> None:
     assert not any(op.done() for op in writes + sends)
     os.dup2(wn, wf)  # the old number now names pipe N's write end; pipe F's only writer is
     os.dup2(sc.fileno(), sa.fileno())  # ...the requests' reference; same for socket A -> C
-    got = bytearray()
-    deadline = time.monotonic() + 10
-    while not all(op.done() for op in writes) and time.monotonic() < deadline:
-        got += _drain_fd(rf)
-        ring.wait(0, timeout=0.01)
-    got += _drain_fd(rf)
+    got = _drain_while_pending(ring, writes, lambda: _drain_fd(rf))
     assert [op.result() for op in writes] == [200] * 6
     assert got[:filled] == bytes(filled)
     assert collections.Counter(got[filled:]) == {i % 250 + 1: 200 for i in range(6)}
-    received = bytearray()
-    deadline = time.monotonic() + 10
-    while not all(op.done() for op in sends) and time.monotonic() < deadline:
-        received += _drain_sock(sb)
-        ring.wait(0, timeout=0.01)
-    received += _drain_sock(sb)
+    received = _drain_while_pending(ring, sends, lambda: _drain_sock(sb))
     assert [op.result() for op in sends] == [300] * 4
     counts = collections.Counter(received)
     assert counts[0] == sock_fill and all(counts[(10 + i) % 250 + 1] == 300 for i in range(4))

@@ -129,15 +129,21 @@ class RingTransport(asyncio.Transport):
             server._attach(self)
         self._loop.call_soon(self._start)
 
+    def _callback_failed(self, exc: BaseException, what: str) -> None:
+        """A protocol callback raised: the connection fails with ``exc`` (reported as asyncio's
+        transports do), and what is not an ``Exception`` (KeyboardInterrupt, SystemExit) goes
+        on up to the loop."""
+        self._fatal(exc, f"{what} failed")
+        if not isinstance(exc, Exception):
+            raise exc
+
     def _start(self) -> None:
         if self._closing:
             return
         try:
             self._protocol.connection_made(self)
-        except BaseException as exc:
-            self._fatal(exc, "connection_made() failed")
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised there unless an Exception
+            self._callback_failed(exc, "connection_made()")
             return
         if not self._closing and not self._paused:
             self._arm_recv()
@@ -163,10 +169,8 @@ class RingTransport(asyncio.Transport):
             data = items.popleft()
             try:
                 self._protocol.data_received(data)  # type: ignore[attr-defined]
-            except BaseException as exc:
-                self._fatal(exc, "data_received() failed")
-                if not isinstance(exc, Exception):
-                    raise
+            except BaseException as exc:  # noqa: BLE001 - re-raised there unless an Exception
+                self._callback_failed(exc, "data_received()")
             return
         # The usual case, one chunk, without take()'s loop.
         one = len(items) == 1 and type(items[0]) is bytes
@@ -207,10 +211,8 @@ class RingTransport(asyncio.Transport):
                     self._feed(data)
                 else:
                     protocol.data_received(data)  # type: ignore[attr-defined]
-        except BaseException as exc:
-            self._fatal(exc, "data_received() failed")
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised there unless an Exception
+            self._callback_failed(exc, "data_received()")
 
     def _feed(self, data: Any) -> None:
         """Hand ``data`` to a BufferedProtocol through as many of its buffers as it takes (what
@@ -233,10 +235,8 @@ class RingTransport(asyncio.Transport):
     def _eof(self) -> None:
         try:
             keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
-        except BaseException as exc:
-            self._fatal(exc, "eof_received() failed")
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised there unless an Exception
+            self._callback_failed(exc, "eof_received()")
             return
         if not keep_open:
             self.close()
@@ -274,10 +274,8 @@ class RingTransport(asyncio.Transport):
                     self._feed(data)
                 else:
                     self._protocol.data_received(data)  # type: ignore[attr-defined]
-            except BaseException as exc:
-                self._fatal(exc, "data_received() failed")
-                if not isinstance(exc, Exception):
-                    raise
+            except BaseException as exc:  # noqa: BLE001 - re-raised there unless an Exception
+                self._callback_failed(exc, "data_received()")
                 return
         if not self._paused and not self._closing and self._recv is None:
             self._arm_recv()
@@ -858,7 +856,6 @@ class _StreamReader(asyncio.StreamReader):
                 waiter.set_result(data)
                 return
         super().feed_data(data)
-
 
 
 async def open_connection(host: str | None = None, port: int | None = None, *,

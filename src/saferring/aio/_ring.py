@@ -316,12 +316,7 @@ class AsyncRing:
     async def _complete(self, op: Operation[Any], salvage: _Salvage | None = None,
                         *args: Any) -> Any:
         """Submit ``op`` (unless it is already done), wait for its final CQE, return its result."""
-        if self._inline_now:
-            self._poll()
-            if op._res is None:
-                self._inline_missed()
-        else:
-            self._schedule()
+        self._submit_soon(op)
         if op._res is None:
             await self._until_done(op, salvage, args)
         return op.result()
