@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import inspect
 import os
 import platform
 import random
@@ -495,6 +496,61 @@ def test_handler_exception_leaves_the_wait_and_loses_nothing(ring: saferring.Rin
     finally:
         source.stop()
     assert raised == 40 and not watchdog[0]
+    assert ring.stats().in_flight == 0
+
+
+def _raise_in(function: Callable[..., Any], line_text: str, exc: type[BaseException]) -> Callable[[], None]:
+    """Make ``exc`` raise once, in ``function``, just before its line containing ``line_text``
+    runs: where a signal handler's exception lands when CPython 3.10 checks for signals at a
+    conditional jump.  A line trace raises at that exact point on every version.  Returns the
+    function that removes the trace (called by the test; the hook also removes itself)."""
+    code = function.__code__
+    lines, first = inspect.getsourcelines(function)
+    target = first + next(i for i, text in enumerate(lines) if line_text in text)
+
+    def local(frame: FrameType, event: str, _arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == target:
+            sys.settrace(None)
+            frame.f_trace = None
+            raise exc
+        return local
+
+    def hook(frame: FrameType, event: str, _arg: Any) -> Any:
+        return local if frame.f_code is code else None
+
+    sys.settrace(hook)
+    return lambda: sys.settrace(None)
+
+
+def test_interrupted_completion_record_is_not_done_until_the_next_call(
+        ring: saferring.Ring, pipe: tuple[int, int]) -> None:
+    """An exception that interrupts the completion loop between storing a CQE's result and its
+    terminal state (possible from a signal handler on CPython 3.10) leaves the operation not
+    done, still pinned and refusing result(); the next call on the ring finishes it, with its
+    data.  (Before, done() said True while result() said the read was still submitted.)"""
+    r, w = pipe
+    buf = bytearray(6)
+    op = ring.read(r, buf)
+    other = ring.nop()
+    ring.submit()
+    os.write(w, b"record")
+    untrace = _raise_in(ring_module.Ring._consume, "if res >= 0 or -res in op._ok_errnos",
+                        KeyboardInterrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ring.wait(2, timeout=30)
+    finally:
+        untrace()
+    interrupted = op if op._res is not None else other  # the one the loop was recording
+    assert interrupted._res is not None and not interrupted.done()
+    assert interrupted.state is saferring.OpState.SUBMITTED
+    with pytest.raises(saferring.OperationStateError, match="needs a finished operation"):
+        interrupted.result()
+    assert ring.stats().in_flight >= 1
+    assert ring.stats().pinned_bytes == (6 if not op.done() else 0)
+    assert ring.run(interrupted) == (6 if interrupted is op else 0)
+    assert ring.run(op) == 6 and bytes(buf) == b"record" and ring.run(other) == 0
+    assert op.done() and other.done() and op.state is saferring.OpState.COMPLETED
     assert ring.stats().in_flight == 0
 
 

@@ -57,6 +57,8 @@ from ._registration import Registration
 from ._state import CANCELLED as _CANCELLED
 from ._state import COMPLETED as _COMPLETED
 from ._state import FAILED as _FAILED
+from ._state import QUEUED as _QUEUED
+from ._state import SUBMITTED as _SUBMITTED
 from .buffers import Buffer, BufferRing
 from .errors import (
     RAISE_MEMLOCK,
@@ -1187,7 +1189,9 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             raise OperationStateError(f"{op._what()} was never submitted on this ring")
         if op._res is None and self._driver is not None:
             raise self._driven("run()")
-        while op._res is None:
+        while op._res is None or op._state is _QUEUED or op._state is _SUBMITTED:
+            # (_res set without a terminal state: its recording was interrupted, which left a
+            # backlog, so the next _reap finishes it without waiting.)
             if self._buffer_work:  # buffers came back: hand them over before blocking
                 self._service_buffers()
             self._reap(1, -1)
