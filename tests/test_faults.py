@@ -19,6 +19,7 @@ import inspect
 import os
 import platform
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -551,6 +552,29 @@ def test_interrupted_completion_record_is_not_done_until_the_next_call(
     assert ring.run(interrupted) == (6 if interrupted is op else 0)
     assert ring.run(op) == 6 and bytes(buf) == b"record" and ring.run(other) == 0
     assert op.done() and other.done() and op.state is saferring.OpState.COMPLETED
+    assert ring.stats().in_flight == 0
+
+
+def test_interrupted_final_cqe_of_a_multishot_ends_its_iteration_with_the_cancellation(
+        ring: saferring.Ring, pipe: tuple[int, int]) -> None:
+    """The same interruption on the flagged path (the final CQE of a multishot poll that was
+    cancelled): iterating the operation afterwards finishes it and raises the cancellation,
+    not "needs a finished operation"."""
+    r, _w = pipe
+    poll = ring.poll_add(r, select.POLLIN, multishot=True)
+    ring.submit()
+    poll.cancel()
+    untrace = _raise_in(ring_module.Ring._finish, "if op._rearms and op._rearm(self)",
+                        KeyboardInterrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ring.wait(1, timeout=30)
+    finally:
+        untrace()
+    assert poll._res is not None and not poll.done() and ring.stats().in_flight == 1
+    with pytest.raises(saferring.OperationCancelledError):
+        list(poll)
+    assert poll.done() and poll.state is saferring.OpState.CANCELLED
     assert ring.stats().in_flight == 0
 
 

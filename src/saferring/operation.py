@@ -632,7 +632,7 @@ class MultishotOperation(Operation[list[V]]):
                 if value is not None or not self._wants_flags:  # (a chunk that held no data)
                     yield value
                 continue
-            if self._res is not None:
+            if self.done():  # (not _res alone: see done())
                 if self._state is not COMPLETED:
                     self.result()  # raises the error (or the cancellation)
                 return

@@ -825,7 +825,7 @@ class AsyncMultishot(Generic[V]):
                 if value is not None or not op._wants_flags:  # (a chunk that held no data)
                     return value
                 continue
-            if op._res is not None:
+            if op.done():  # (not _res alone: see Operation.done())
                 if op._state is not COMPLETED:
                     op.result()  # raises the error (or the cancellation)
                 raise StopAsyncIteration
