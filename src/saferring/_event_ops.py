@@ -370,7 +370,10 @@ class EventOps(OpsBase):
         The target's :meth:`~saferring.Ring.wait` returns it as a
         :class:`~saferring.operation.ReceivedMessage`.  ``value`` is 0 to 2**61-1 (it travels in
         a user_data range saferring reserves for messages), ``res`` a 32-bit signed int.  This
-        operation's result is 0.
+        operation's result is 0.  A target ring that is closed raises
+        :class:`~saferring.OperationStateError`; one closed after the request was queued loses
+        the message (it never reaches a ring that reuses the descriptor number).  A forked
+        parent's ring raises :class:`~saferring.ForkedRingError`.
         """
         self._require(OP["MSG_RING"])
         # Only saferring rings of this process: another io_uring user might take the posted
