@@ -1503,116 +1503,138 @@ def _setup_error(code: int, entries: int, requested: list[tuple[str, int]],
     and capabilities, and its resource limits.  Nothing read there is trusted beyond choosing
     the words of the message; anything unreadable is left out of it.
     """
-
+    if code == errno.EINVAL:
+        if requested or cq_entries:
+            return _unsupported_setup_flag(entries, requested, sq_thread_idle, cq_entries)
+        return os_error(code, "io_uring_setup")
+    if code not in (errno.ENOSYS, errno.EPERM, errno.ENOMEM):
+        return os_error(code, "io_uring_setup")
     status = process_status(proc)
     filters = status.get("Seccomp_filters", "1")
     seccomp = (f"this process runs under {filters} seccomp filter(s) (/proc/self/status)"
                if status.get("Seccomp") == "2" else None)
-
     if code == errno.ENOSYS:
-        if seccomp is not None:
-            # A filter may answer ENOSYS for a syscall the kernel has (some container runtimes
-            # do, so that programs fall back as they would on an old kernel).
-            return UnsupportedPlatformError(
-                f"io_uring_setup answered ENOSYS, and {seccomp}: a filter that refuses "
-                "io_uring with ENOSYS is the likely cause (allow io_uring_setup, io_uring_enter "
-                "and io_uring_register in its profile); otherwise this kernel has no io_uring "
-                "(saferring needs Linux 5.1+ built with CONFIG_IO_URING)")
-        return UnsupportedPlatformError(
-            "this kernel has no io_uring (io_uring_setup: ENOSYS); saferring needs Linux 5.1+ "
-            "built with CONFIG_IO_URING")
+        return _no_io_uring_error(seccomp)
     if code == errno.EPERM:
-        # The kernel's rule (io_uring_allowed()): disabled=2 refuses everyone; disabled=1
-        # admits CAP_SYS_ADMIN and members of kernel.io_uring_group (-1: no group).  A seccomp
-        # filter refuses the call before the kernel looks at the sysctl, and a security module
-        # can refuse it as well.
-        disabled = read_proc("sys/kernel/io_uring_disabled", proc)
-        group = read_proc("sys/kernel/io_uring_group", proc)
-        elsewhere = (f"{seccomp}, which most likely refused it (container runtimes often block "
-                     "io_uring: allow io_uring_setup, io_uring_enter and io_uring_register in the "
-                     "profile)" if seccomp is not None else
-                     "no seccomp filter is active, so a security module (SELinux, AppArmor...) or "
-                     "another policy refused it")
-        if disabled is None:
-            why = ("this kernel has no sysctl kernel.io_uring_disabled (it came in Linux 6.6), "
-                   f"so that is not the cause; {elsewhere}")
-        elif disabled == "2":
-            why = ("the sysctl kernel.io_uring_disabled is 2: io_uring is disabled for every "
-                   "process on this system (0 allows it, 1 allows CAP_SYS_ADMIN and members of "
-                   "kernel.io_uring_group)")
-        elif disabled == "1":
-            try:
-                gid = int(group) if group is not None else -1
-            except ValueError:
-                gid = -1
-            member = gid >= 0 and (gid == os.getegid() or gid in os.getgroups())
-            if has_capability(status, 21) or member:  # CAP_SYS_ADMIN
-                why = ("the sysctl kernel.io_uring_disabled is 1, which admits this process "
-                       f"(CAP_SYS_ADMIN, or member of kernel.io_uring_group {gid}); {elsewhere}")
-            else:
-                named = (f"the group kernel.io_uring_group ({gid})" if gid >= 0 else
-                         "kernel.io_uring_group, which is -1 (no group)")
-                why = ("the sysctl kernel.io_uring_disabled is 1: io_uring is only for processes "
-                       f"with CAP_SYS_ADMIN or in {named}, and this process is neither (join "
-                       "that group, or set the sysctl to 0)")
-        elif disabled == "0":
-            why = ("the sysctl kernel.io_uring_disabled is 0 (io_uring allowed), so that is not "
-                   f"the cause; {elsewhere}")
-        else:
-            why = f"the sysctl kernel.io_uring_disabled is {disabled!r}; {elsewhere}"
-        if any(name == "SQPOLL" for name, _bit in requested):
-            why += "; sqpoll on kernels before 5.11 also needs root (CAP_SYS_ADMIN)"
-        return PermissionError(errno.EPERM, f"io_uring_setup was refused (EPERM): {why}")
-    if code == errno.ENOMEM:
-        import resource
+        return _refused_error(status, seccomp, requested, proc)
+    return _no_memory_error(status, entries)
 
-        causes = []
-        memlock = rlimit_text(resource.RLIMIT_MEMLOCK)
-        if memlock is not None and has_capability(status, 14) is not True:  # CAP_IPC_LOCK
-            # For processes without CAP_IPC_LOCK, kernels before 5.12 charge a ring's memory
-            # to RLIMIT_MEMLOCK, and so do recent ones (6.18 refuses Ring(8) under a zero
-            # limit; 6.1 does not).  The count is per user.
-            causes.append(
-                f"RLIMIT_MEMLOCK ({memlock}): this process lacks CAP_IPC_LOCK, and the kernel "
-                "may charge the ring's memory to that limit, counted for all of this user's "
-                f"processes (raise it: {RAISE_MEMLOCK})")
-        address_space = rlimit_text(resource.RLIMIT_AS)
-        if address_space is not None:
-            causes.append(f"RLIMIT_AS ({address_space}): mapping the queues into this process "
-                          "counts against it (raise it: ulimit -v)")
-        what = f"io_uring_setup: no memory for a ring of {entries} entries (ENOMEM)"
-        if not causes:
-            return OSError(errno.ENOMEM, f"{what}: no resource limit of this process applies, "
-                                         "so the system (or its memory cgroup) is short of "
-                                         "memory; ask for fewer entries")
-        return OSError(errno.ENOMEM, f"{what}. Limits that can refuse it here: "
-                                     f"{'; '.join(causes)}. Or ask for fewer entries")
-    if code == errno.EINVAL and (requested or cq_entries):
-        # Find which requested flag the kernel rejects by trying each alone.
-        trial = ffi.new("sr_ring *")
-        for name, bit in requested:
-            extra = lib.SR_SETUP_SINGLE_ISSUER if name == "DEFER_TASKRUN" else 0
-            extra |= lib.SR_SETUP_TASKRUN_FLAG if name in ("COOP_TASKRUN", "DEFER_TASKRUN") else 0
-            if name == "TASKRUN_FLAG":
-                continue
-            rc = lib.sr_ring_init(trial, entries, bit | extra,
-                                  (sq_thread_idle or 0) if name == "SQPOLL" else 0, 0)
-            if rc >= 0:
-                lib.sr_ring_exit(trial)
-                continue
-            if -rc == errno.EINVAL:
-                return UnsupportedOperationError(
-                    f"this kernel does not support IORING_SETUP_{name} (Ring({name.lower()}="
-                    f"True)); it came in Linux {_FLAG_SINCE.get(name, '?')}")
-        if cq_entries:
-            rc = lib.sr_ring_init(trial, entries, 0, 0, cq_entries)
-            if rc >= 0:
-                lib.sr_ring_exit(trial)
-            elif -rc == errno.EINVAL:
-                return UnsupportedOperationError(
-                    "this kernel does not support IORING_SETUP_CQSIZE (cq_entries); it came in "
-                    "Linux 5.5")
-    return os_error(code, "io_uring_setup")
+
+def _no_io_uring_error(seccomp: str | None) -> Exception:
+    """ENOSYS: no io_uring in this kernel, or a seccomp filter that pretends so."""
+    if seccomp is not None:
+        # A filter may answer ENOSYS for a syscall the kernel has (some container runtimes
+        # do, so that programs fall back as they would on an old kernel).
+        return UnsupportedPlatformError(
+            f"io_uring_setup answered ENOSYS, and {seccomp}: a filter that refuses "
+            "io_uring with ENOSYS is the likely cause (allow io_uring_setup, io_uring_enter "
+            "and io_uring_register in its profile); otherwise this kernel has no io_uring "
+            "(saferring needs Linux 5.1+ built with CONFIG_IO_URING)")
+    return UnsupportedPlatformError(
+        "this kernel has no io_uring (io_uring_setup: ENOSYS); saferring needs Linux 5.1+ "
+        "built with CONFIG_IO_URING")
+
+
+def _refused_error(status: dict[str, str], seccomp: str | None,
+                   requested: list[tuple[str, int]], proc: str) -> Exception:
+    """EPERM: the io_uring sysctls, a seccomp filter or a security module refused the ring."""
+    # The kernel's rule (io_uring_allowed()): disabled=2 refuses everyone; disabled=1
+    # admits CAP_SYS_ADMIN and members of kernel.io_uring_group (-1: no group).  A seccomp
+    # filter refuses the call before the kernel looks at the sysctl, and a security module
+    # can refuse it as well.
+    disabled = read_proc("sys/kernel/io_uring_disabled", proc)
+    group = read_proc("sys/kernel/io_uring_group", proc)
+    elsewhere = (f"{seccomp}, which most likely refused it (container runtimes often block "
+                 "io_uring: allow io_uring_setup, io_uring_enter and io_uring_register in the "
+                 "profile)" if seccomp is not None else
+                 "no seccomp filter is active, so a security module (SELinux, AppArmor...) or "
+                 "another policy refused it")
+    if disabled is None:
+        why = ("this kernel has no sysctl kernel.io_uring_disabled (it came in Linux 6.6), "
+               f"so that is not the cause; {elsewhere}")
+    elif disabled == "2":
+        why = ("the sysctl kernel.io_uring_disabled is 2: io_uring is disabled for every "
+               "process on this system (0 allows it, 1 allows CAP_SYS_ADMIN and members of "
+               "kernel.io_uring_group)")
+    elif disabled == "1":
+        try:
+            gid = int(group) if group is not None else -1
+        except ValueError:
+            gid = -1
+        member = gid >= 0 and (gid == os.getegid() or gid in os.getgroups())
+        if has_capability(status, 21) or member:  # CAP_SYS_ADMIN
+            why = ("the sysctl kernel.io_uring_disabled is 1, which admits this process "
+                   f"(CAP_SYS_ADMIN, or member of kernel.io_uring_group {gid}); {elsewhere}")
+        else:
+            named = (f"the group kernel.io_uring_group ({gid})" if gid >= 0 else
+                     "kernel.io_uring_group, which is -1 (no group)")
+            why = ("the sysctl kernel.io_uring_disabled is 1: io_uring is only for processes "
+                   f"with CAP_SYS_ADMIN or in {named}, and this process is neither (join "
+                   "that group, or set the sysctl to 0)")
+    elif disabled == "0":
+        why = ("the sysctl kernel.io_uring_disabled is 0 (io_uring allowed), so that is not "
+               f"the cause; {elsewhere}")
+    else:
+        why = f"the sysctl kernel.io_uring_disabled is {disabled!r}; {elsewhere}"
+    if any(name == "SQPOLL" for name, _bit in requested):
+        why += "; sqpoll on kernels before 5.11 also needs root (CAP_SYS_ADMIN)"
+    return PermissionError(errno.EPERM, f"io_uring_setup was refused (EPERM): {why}")
+
+
+def _no_memory_error(status: dict[str, str], entries: int) -> Exception:
+    """ENOMEM: a resource limit of this process, or the system, has no memory for the ring."""
+    import resource
+
+    causes = []
+    memlock = rlimit_text(resource.RLIMIT_MEMLOCK)
+    if memlock is not None and has_capability(status, 14) is not True:  # CAP_IPC_LOCK
+        # For processes without CAP_IPC_LOCK, kernels before 5.12 charge a ring's memory
+        # to RLIMIT_MEMLOCK, and so do recent ones (6.18 refuses Ring(8) under a zero
+        # limit; 6.1 does not).  The count is per user.
+        causes.append(
+            f"RLIMIT_MEMLOCK ({memlock}): this process lacks CAP_IPC_LOCK, and the kernel "
+            "may charge the ring's memory to that limit, counted for all of this user's "
+            f"processes (raise it: {RAISE_MEMLOCK})")
+    address_space = rlimit_text(resource.RLIMIT_AS)
+    if address_space is not None:
+        causes.append(f"RLIMIT_AS ({address_space}): mapping the queues into this process "
+                      "counts against it (raise it: ulimit -v)")
+    what = f"io_uring_setup: no memory for a ring of {entries} entries (ENOMEM)"
+    if not causes:
+        return OSError(errno.ENOMEM, f"{what}: no resource limit of this process applies, "
+                                     "so the system (or its memory cgroup) is short of "
+                                     "memory; ask for fewer entries")
+    return OSError(errno.ENOMEM, f"{what}. Limits that can refuse it here: "
+                                 f"{'; '.join(causes)}. Or ask for fewer entries")
+
+
+def _unsupported_setup_flag(entries: int, requested: list[tuple[str, int]],
+                            sq_thread_idle: int | None, cq_entries: int | None) -> Exception:
+    """EINVAL with setup flags: find which one the kernel rejects by trying each alone."""
+    trial = ffi.new("sr_ring *")
+    for name, bit in requested:
+        extra = lib.SR_SETUP_SINGLE_ISSUER if name == "DEFER_TASKRUN" else 0
+        extra |= lib.SR_SETUP_TASKRUN_FLAG if name in ("COOP_TASKRUN", "DEFER_TASKRUN") else 0
+        if name == "TASKRUN_FLAG":
+            continue
+        rc = lib.sr_ring_init(trial, entries, bit | extra,
+                              (sq_thread_idle or 0) if name == "SQPOLL" else 0, 0)
+        if rc >= 0:
+            lib.sr_ring_exit(trial)
+            continue
+        if -rc == errno.EINVAL:
+            return UnsupportedOperationError(
+                f"this kernel does not support IORING_SETUP_{name} (Ring({name.lower()}="
+                f"True)); it came in Linux {_FLAG_SINCE.get(name, '?')}")
+    if cq_entries:
+        rc = lib.sr_ring_init(trial, entries, 0, 0, cq_entries)
+        if rc >= 0:
+            lib.sr_ring_exit(trial)
+        elif -rc == errno.EINVAL:
+            return UnsupportedOperationError(
+                "this kernel does not support IORING_SETUP_CQSIZE (cq_entries); it came in "
+                "Linux 5.5")
+    return os_error(errno.EINVAL, "io_uring_setup")
 
 
 def _bury(ring: Ring) -> None:
