@@ -824,6 +824,42 @@ def test_chain_longer_than_sq(pipe: tuple[int, int]) -> None:
         assert r.run(r.nop()) == 0  # the ring is usable again
 
 
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({}, id="plain"),
+    pytest.param({"sqpoll": True}, id="sqpoll", marks=pytest.mark.needs("setup:SQPOLL")),
+    pytest.param({"single_issuer": True, "defer_taskrun": True}, id="defer_taskrun",
+                 marks=pytest.mark.needs("setup:DEFER_TASKRUN")),
+])
+def test_chain_behind_queued_requests_that_fill_the_sq(pipe: tuple[int, int],
+                                                       pipe2: tuple[int, int],
+                                                       kwargs: dict[str, bool]) -> None:
+    """Requests queued before a chain go to the kernel on their own when the chain needs their
+    room in the SQ (before, the chain raised ValueError although it fitted); the chain stays
+    whole and unsubmitted: its write still waits for its read.  With an SQ thread too, which
+    takes the requests in its own time."""
+    ra, wa = pipe
+    rb, wb = pipe2
+    os.set_blocking(rb, False)
+    with saferring.Ring(4, **kwargs) as r:  # type: ignore[arg-type]
+        before = [r.nop() for _ in range(r.features.sq_entries - 1)]
+        buf = bytearray(2)
+        with r.chain() as ch:
+            rd = r.read(ra, buf)
+            wr = r.write(wb, b"out")  # no free SQE: the nops are handed over first
+        assert ch.ops == [rd, wr]
+        assert [op.state for op in before] == [OpState.SUBMITTED] * len(before)
+        assert rd.state is OpState.QUEUED and wr.state is OpState.QUEUED
+        assert sorted(map(id, r.wait(len(before), timeout=30))) == sorted(map(id, before))
+        assert r.wait(1, timeout=0.03) == []
+        with pytest.raises(BlockingIOError):
+            os.read(rb, 8)  # the write has not run: it waits for the read
+        os.write(wa, b"in")
+        _wait_done(r, rd, wr)
+        assert (rd.result(), bytes(buf), wr.result()) == (2, b"in", 3)
+        assert os.read(rb, 8) == b"out"
+        assert r.stats().in_flight == 0
+
+
 def test_exception_in_chain_block_keeps_the_chain(ring: saferring.Ring) -> None:
     """If the block raises, the ops queued in it still run, linked (a failure cancels the rest)."""
     with pytest.raises(RuntimeError, match="boom"), ring.chain() as ch:

@@ -326,7 +326,9 @@ class EventOps(OpsBase):
         stop the request they reach, not the ones linked behind it; those still run, their
         memory pinned as usual).  ``drain=True`` makes the chain
         wait for every request submitted before it (``IOSQE_IO_DRAIN``).  Nothing can be
-        submitted or waited for while the chain is open.  See :mod:`saferring._chain`.
+        submitted or waited for while the chain is open.  The chain must fit in the submission
+        queue: requests queued before it are handed to the kernel when it needs their room, and
+        a chain longer than the queue raises ``ValueError``.  See :mod:`saferring._chain`.
         """
         return Chain(self, hard, drain)  # type: ignore[arg-type]
 

@@ -17,6 +17,7 @@
 #include <limits.h>
 #include <string.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -276,6 +277,36 @@ static int sr_submit(sr_ring *r)
     return ret;
 }
 
+/* The SQ filled up while a chain is open: hand the kernel the SQEs queued before the chain's
+   first one, and only those.  liburing publishes everything up to sq.sqe_tail, so the tail is
+   pulled back to the chain's start for the call and restored after it; the chain's SQEs (the
+   last chain_len written: every SQE goes through sr_finish_sqe) stay unpublished.  Returns
+   what io_uring_submit returned (0 if nothing before the chain waits for the kernel). */
+static int sr_submit_before_chain(sr_ring *r)
+{
+    struct io_uring_sq *sq = &r->ring.sq;
+    unsigned tail = sq->sqe_tail;
+    unsigned start = tail - r->chain_len;
+    int ret;
+
+    /* Published earlier but not taken (the kernel refused with -EBUSY, say) counts as waiting
+       too: io_uring_submit offers those again. */
+    if (start == io_uring_smp_load_acquire(sq->khead))
+        return 0;
+    sq->sqe_tail = start;
+    ret = io_uring_submit(&r->ring);
+    sq->sqe_tail = tail;
+    if (ret > 0 && (r->ring.flags & IORING_SETUP_SQPOLL)) {
+        /* The SQ thread takes them in its own time, and IORING_ENTER_SQ_WAIT would not wait:
+           the kernel does not see the chain's SQEs, so to it the SQ is not full.  Give the
+           thread a bounded while (it polls; io_uring_submit woke it if it slept). */
+        for (int i = 0; i < 100000 && io_uring_smp_load_acquire(sq->khead) != start; i++)
+            sched_yield();
+    }
+    sr_account(r);
+    return ret;
+}
+
 /* SQEs written but not yet handed to the kernel (0 on a torn-down ring): lets the asyncio
    driver see that a completion it just dispatched re-armed a request. */
 unsigned sr_sq_pending(sr_ring *r)
@@ -316,7 +347,15 @@ static inline struct io_uring_sqe *sr_get_sqe(sr_ring *r, int *err, int kind)
         return sqe;
     if (r->chain_flags) {
         /* Flushing would hand the kernel half a chain (it would run the part it got as a
-           complete chain): a chain must fit in the SQ. */
+           complete chain): only what was queued before the chain may go, and the chain itself
+           must fit in the SQ. */
+        if (sr_submit_before_chain(r) > 0) {
+            sqe = io_uring_get_sqe(&r->ring);
+            if (sqe)
+                return sqe;
+        }
+        /* Nothing before the chain, or the kernel would not take it now: the caller cannot
+           reap to make room while the chain is open (that would submit half of it). */
         *err = -ENOSPC;
         r->n_prepared--;
         return NULL;
@@ -498,8 +537,9 @@ int sr_prep_link_timeout(sr_ring *r, uint64_t ud, uint64_t target_ud, const void
 }
 
 /* Chains: every SQE written between sr_chain_begin and sr_chain_end carries link_flag, except
-   the last, whose flag sr_chain_end removes.  Nothing reaches the kernel in between (see
-   sr_get_sqe, sr_submit, sr_reap), so the kernel always sees the whole chain at once. */
+   the last, whose flag sr_chain_end removes.  No SQE of the chain reaches the kernel in between
+   (see sr_get_sqe, sr_submit, sr_reap; only SQEs queued before it may, to make room), so the
+   kernel always sees the whole chain at once. */
 int sr_chain_begin(sr_ring *r, unsigned link_flag, unsigned drain)
 {
     int usable = sr_usable(r);
