@@ -85,6 +85,9 @@ class Totals:
     bytes_sent: int = 0  # bytes taken by send()
     bytes_verified: int = 0  # bytes echoed and equal to what was sent at that offset
     bytes_abandoned: int = 0  # sent, then discarded by our own RST
+    # The longest a connection with bytes outstanding went without an echoed byte (seconds):
+    # the server's fairness, as this one loop sees it (reported, never asserted).
+    longest_wait: float = 0.0
 
 
 def make_data(seed: int) -> bytes:
@@ -336,7 +339,10 @@ class Load:
                 self._on_eof(conn)
                 return
             self._verify(conn, chunk)
-            conn.last_progress = time.monotonic()
+            now = time.monotonic()
+            if now - conn.last_progress > self.totals.longest_wait:
+                self.totals.longest_wait = now - conn.last_progress
+            conn.last_progress = now
             if not drain_only:
                 return
 

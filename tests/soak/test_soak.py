@@ -238,6 +238,7 @@ def test_soak(backend: str, stop_signal: signal.Signals, buffers: int, enough_de
     print(f"\nsoak: backend={backend} seconds={warm_taken:.0f}+{measured_taken:.0f} "
           f"connections={totals.opened} closes={totals.closes} half_closes={totals.half_closes} "
           f"resets={totals.resets} messages={totals.messages} "
+          f"longest_wait={totals.longest_wait:.2f}s "
           f"msgs/s={msgs / measured_taken:.0f} MB/s={verified / measured_taken / 1e6:.1f} "
           f"bytes_verified={totals.bytes_verified} bytes_abandoned={totals.bytes_abandoned} "
           f"rss_kib={rss_start}->{rss_end} ({(rss_end - rss_start) / rss_start:+.2%}, "
