@@ -103,6 +103,30 @@ def test_bad_options_raise_value_error(arun: Run) -> None:
     arun(main)
 
 
+def test_completion_queue_size(arun: Run) -> None:
+    """AsyncRing asks for a completion queue of 8192 entries unless told otherwise (multishot
+    requests end when their CQE finds the queue full); cq_entries= and a ring whose plain queue
+    is as big or bigger are left as asked; bad sizes raise Ring's errors.  (The fallback under
+    RLIMIT_MEMLOCK: tests/test_faults.py.)"""
+    async def main() -> None:
+        async with checked_ring() as aring:
+            assert aring.ring.features.cq_entries == 8192
+        async with checked_ring(8, cq_entries=64) as aring:
+            assert aring.ring.features.cq_entries == 64
+        async with checked_ring(4096) as aring:
+            assert aring.ring.features.cq_entries == 8192  # the plain size: twice the SQ
+        async with checked_ring(8192) as aring:
+            assert aring.ring.features.cq_entries == 16384
+        with pytest.raises(ValueError):
+            AsyncRing(0)
+        with pytest.raises(TypeError):
+            AsyncRing("8")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            AsyncRing(8, cq_entries=4)  # smaller than the SQ
+
+    arun(main)
+
+
 @pytest.mark.parametrize("coop_taskrun", [False, True])
 def test_completion_from_another_thread_wakes_the_loop(arun: Run, coop_taskrun: bool) -> None:
     """With coop_taskrun off or on, a recv completed by data another thread sends while the loop

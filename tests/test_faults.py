@@ -772,6 +772,50 @@ def test_ring_and_buffer_ring_under_a_zero_memlock_limit() -> None:
             assert words in message, (words, message)
 
 
+def test_async_ring_falls_back_to_a_small_completion_queue_under_rlimit_memlock() -> None:
+    """AsyncRing asks for an 8192-entry completion queue (multishot receives end when their
+    CQE finds the queue full).  Where the kernel charges rings to RLIMIT_MEMLOCK and the limit
+    holds a ring of the plain size but not the big one, AsyncRing() still works, with the
+    plain queue; where even that is refused, it raises Ring's ENOMEM; where nothing is
+    charged, it gets the big queue."""
+    out = _isolated(_DROP_IPC_LOCK, """
+        import asyncio, errno, saferring
+        from saferring import aio
+
+        def outcome(**kw):
+            try:
+                saferring.Ring(256, coop_taskrun=True, **kw).close()
+            except OSError as exc:
+                assert exc.errno == errno.ENOMEM, exc
+                return "refused"
+            return "ok"
+
+        async def main():
+            try:
+                aring = aio.AsyncRing()
+            except OSError as exc:
+                print("aring: refused", errno.errorcode[exc.errno])
+                return
+            with open(os.devnull, "rb") as f:
+                assert await aring.read(f.fileno(), bytearray(8), 0) == 0
+            print("aring: cq", aring.ring.features.cq_entries)
+            await aring.aclose()
+
+        set_memlock(64 * 1024, 1 << 20)
+        print("big:", outcome(cq_entries=8192))
+        print("plain:", outcome())
+        asyncio.run(main())
+    """)
+    big = "big: ok" in out
+    plain = "plain: ok" in out
+    if big:
+        assert "aring: cq 8192" in out, out
+    elif plain:
+        assert "aring: cq 512" in out, out  # the plain size: twice the 256 SQ entries
+    else:
+        assert "aring: refused ENOMEM" in out, out
+
+
 def test_capability_probe_refused_memory_is_not_remembered_as_missing() -> None:
     """kernel_can() asked while RLIMIT_MEMLOCK refuses its probe ring, then again once the limit
     is raised: the second answer is the kernel's (True for buffer rings on this kernel)."""
