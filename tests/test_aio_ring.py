@@ -108,6 +108,13 @@ def test_completion_queue_size(arun: Run) -> None:
     requests end when their CQE finds the queue full); cq_entries= and a ring whose plain queue
     is as big or bigger are left as asked; bad sizes raise Ring's errors.  (The fallback under
     RLIMIT_MEMLOCK: tests/test_faults.py.)"""
+    try:
+        saferring.Ring(256, cq_entries=8192).close()
+    except OSError as exc:
+        if exc.errno != errno.ENOMEM:
+            raise
+        pytest.skip(f"RLIMIT_MEMLOCK holds no 8192-entry completion queue here: {exc}")
+
     async def main() -> None:
         async with checked_ring() as aring:
             assert aring.ring.features.cq_entries == 8192
@@ -123,6 +130,28 @@ def test_completion_queue_size(arun: Run) -> None:
             AsyncRing("8")  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             AsyncRing(8, cq_entries=4)  # smaller than the SQ
+
+    arun(main)
+
+
+@pytest.mark.needs("setup:SQPOLL")
+def test_sqpoll_ring(arun: Run, tmp_path: Any) -> None:
+    """AsyncRing(sqpoll=True) works: the kernel refuses COOP_TASKRUN beside SQPOLL, so it is
+    not added there (before, this raised OSError(EINVAL))."""
+    path = os.path.join(str(tmp_path), "f")
+    with open(path, "wb") as f:
+        f.write(b"through the SQ thread")
+
+    async def main() -> None:
+        async with checked_ring(sqpoll=True) as aring:
+            assert "SQPOLL" in aring.ring.features.setup_flags
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                buf = bytearray(32)
+                n = await aring.read(fd, buf, 0)
+                assert bytes(buf[:n]) == b"through the SQ thread"
+            finally:
+                os.close(fd)
 
     arun(main)
 

@@ -397,6 +397,10 @@ class BufferOps(OpsBase):
                 waiting.remove(op)
             except ValueError:
                 pass
+        if self._cur is not None:
+            # An interrupted completion loop left an operation half recorded: finish it first,
+            # or taking _cur over here would lose the only pointer to it.
+            self._finish_orphans()
         mine = self._backlog is None
         if mine:
             self._backlog = ()

@@ -1187,11 +1187,16 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             raise OperationStateError("the operation belongs to another ring")
         if op._res is None and op.user_data not in self._registry:
             raise OperationStateError(f"{op._what()} was never submitted on this ring")
-        if op._res is None and self._driver is not None:
+        if self._driver is not None and (
+                op._res is None or op._state is _QUEUED or op._state is _SUBMITTED):
             raise self._driven("run()")
         while op._res is None or op._state is _QUEUED or op._state is _SUBMITTED:
-            # (_res set without a terminal state: its recording was interrupted, which left a
-            # backlog, so the next _reap finishes it without waiting.)
+            # (_res set without a terminal state: its recording was interrupted.  That leaves a
+            # backlog, and the next _reap finishes it without waiting; without one, it is
+            # finished here rather than waited for.)
+            if op._res is not None and self._backlog is None:
+                self._finish(op)
+                continue
             if self._buffer_work:  # buffers came back: hand them over before blocking
                 self._service_buffers()
             self._reap(1, -1)

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <sched.h>
+#include <time.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -299,9 +300,16 @@ static int sr_submit_before_chain(sr_ring *r)
     if (ret > 0 && (r->ring.flags & IORING_SETUP_SQPOLL)) {
         /* The SQ thread takes them in its own time, and IORING_ENTER_SQ_WAIT would not wait:
            the kernel does not see the chain's SQEs, so to it the SQ is not full.  Give the
-           thread a bounded while (it polls; io_uring_submit woke it if it slept). */
-        for (int i = 0; i < 100000 && io_uring_smp_load_acquire(sq->khead) != start; i++)
+           thread up to a second (it polls; io_uring_submit woke it if it slept). */
+        struct timespec t0, now;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        while (io_uring_smp_load_acquire(sq->khead) != start) {
             sched_yield();
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec - t0.tv_sec > 1 ||
+                (now.tv_sec - t0.tv_sec == 1 && now.tv_nsec >= t0.tv_nsec))
+                break;
+        }
     }
     sr_account(r);
     return ret;

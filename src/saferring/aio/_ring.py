@@ -54,7 +54,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._binding import lib
-from .._state import COMPLETED
+from .._state import COMPLETED, QUEUED, SUBMITTED
 from ..buffers import Buffer
 from ..errors import (
     OperationStateError,
@@ -123,7 +123,9 @@ def _new_ring(entries: int, options: dict[str, Any]) -> Ring:
     5-15 s, against 0.1-0.3 s with 8192 entries, and 1.5-2x the messages per second).  It costs
     128 KiB.  Kernels without a flag or a big queue (before 5.19 and 5.5, or a small
     RLIMIT_MEMLOCK) get what they can."""
-    coop: dict[str, Any] = {} if "coop_taskrun" in options else {"coop_taskrun": True}
+    # (Linux refuses COOP_TASKRUN beside SQPOLL: the SQ thread is what runs the task work.)
+    coop: dict[str, Any] = ({} if "coop_taskrun" in options or options.get("sqpoll")
+                            else {"coop_taskrun": True})
     big_cq: dict[str, Any] = ({"cq_entries": _CQ_ENTRIES} if "cq_entries" not in options
                               and type(entries) is int and 0 < entries * 2 < _CQ_ENTRIES else {})
     attempts: list[dict[str, Any]] = [{**coop, **big_cq}, big_cq, coop, {}]
@@ -341,7 +343,7 @@ class AsyncRing:
                         *args: Any) -> Any:
         """Submit ``op`` (unless it is already done), wait for its final CQE, return its result."""
         self._submit_soon(op)
-        if op._res is None:
+        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
             await self._until_done(op, salvage, args)
         return op.result()
 
@@ -352,7 +354,11 @@ class AsyncRing:
         If the task is cancelled meanwhile, ``salvage(self, op, *args)`` runs once the operation
         has ended (at once if it already has); ``cancel=False`` lets the request run to its end
         instead of asking the kernel to cancel it."""
-        while op._res is None:
+        while op._res is None or op._state is QUEUED or op._state is SUBMITTED:
+            if op._res is not None:
+                # Its final CQE was being recorded when an exception (a signal handler's)
+                # interrupted the completion loop: the next poll finishes it, then wakes us.
+                self._schedule()
             fut = self._add_waiter(op)
             try:
                 await fut
@@ -678,7 +684,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None:
+        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
             await self._until_done(op, _salvage_stream if offset == -1 else None, (fd, buffer))
         return op.result()
 
@@ -700,7 +706,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None:
+        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
             await self._until_done(op, _salvage_stream, (fd, buffer))
         return op.result()
 
@@ -728,7 +734,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None:
+        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
             await self._until_done(op, None, ())
         return op.result()
 
@@ -743,7 +749,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None:
+        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
             await self._until_done(op, None, ())
         return op.result()
 
@@ -854,6 +860,8 @@ class AsyncMultishot(Generic[V]):
                     op.result()  # raises the error (or the cancellation)
                 raise StopAsyncIteration
             aring._check_loop()
+            if op._res is not None:  # an interrupted record: the next poll finishes it
+                aring._schedule()
             fut = aring._add_waiter(op)
             try:
                 await fut
