@@ -437,7 +437,9 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
         # First, atomically (no call, so no thread switch, in between): take the ring away from
         # its owner.  A finaliser can race a thread that resurrected the ring through a weakref;
         # from here on such a thread is refused, and if one is already inside a call
-        # (_owner is _BUSY) the ring cannot be drained from here at all.
+        # (_owner is _BUSY) the ring cannot be drained from here at all: it is buried (never
+        # freed), and that call's exit gives it back to its owner thread, which may go on
+        # using it through the weakref (safe: nothing it pins is ever released early).
         try:
             owner = self._owner
             self._owner = _NO_OWNER
