@@ -120,7 +120,7 @@ def _new_ring(entries: int, options: dict[str, Any]) -> Ring:
     SQ) a server with 1,000 busy connections had its transports' receives ended by the
     hundred at every burst, each re-armed with a new SQE, and the connections re-armed last
     waited seconds for their data (tests/soak/soakload.py with 1,000 connections: longest wait
-    5-15 s, against 0.1-0.3 s with 8192 entries, and 1.5-2x the messages per second).  It costs
+    5-15 s, against 0.1-0.3 s with 8192 entries, and 1.1-2x the messages per second).  It costs
     128 KiB.  Kernels without a flag or a big queue (before 5.19 and 5.5, or a small
     RLIMIT_MEMLOCK) get what they can."""
     # (Linux refuses COOP_TASKRUN beside SQPOLL: the SQ thread is what runs the task work.)
