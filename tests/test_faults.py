@@ -516,11 +516,12 @@ def test_handler_exception_leaves_the_wait_and_loses_nothing(ring: saferring.Rin
     assert ring.stats().in_flight == 0
 
 
-def _raise_in(function: Callable[..., Any], line_text: str, exc: type[BaseException]) -> Callable[[], None]:
-    """Make ``exc`` raise once, in ``function``, just before its line containing ``line_text``
-    runs: where a signal handler's exception lands when CPython 3.10 checks for signals at a
-    conditional jump.  A line trace raises at that exact point on every version.  Returns the
-    function that removes the trace (called by the test; the hook also removes itself)."""
+def _wait_interrupted_at(ring: saferring.Ring, function: Callable[..., Any], line_text: str,
+                        min_complete: int) -> None:
+    """``ring.wait(min_complete)``, interrupted by a KeyboardInterrupt raised in ``function``
+    just before its line containing ``line_text`` runs: where a signal handler's exception
+    lands when CPython 3.10 checks for signals at a conditional jump.  A line trace raises at
+    that exact point on every version (it replaces any trace function, and clears it after)."""
     code = function.__code__
     lines, first = inspect.getsourcelines(function)
     target = first + next(i for i, text in enumerate(lines) if line_text in text)
@@ -529,14 +530,18 @@ def _raise_in(function: Callable[..., Any], line_text: str, exc: type[BaseExcept
         if event == "line" and frame.f_lineno == target:
             sys.settrace(None)
             frame.f_trace = None
-            raise exc
+            raise KeyboardInterrupt
         return local
 
     def hook(frame: FrameType, event: str, _arg: Any) -> Any:
         return local if frame.f_code is code else None
 
     sys.settrace(hook)
-    return lambda: sys.settrace(None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ring.wait(min_complete, timeout=30)
+    finally:
+        sys.settrace(None)
 
 
 def test_interrupted_completion_record_is_not_done_until_the_next_call(
@@ -551,13 +556,7 @@ def test_interrupted_completion_record_is_not_done_until_the_next_call(
     other = ring.nop()
     ring.submit()
     os.write(w, b"record")
-    untrace = _raise_in(ring_module.Ring._consume, "if res >= 0 or -res in op._ok_errnos",
-                        KeyboardInterrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            ring.wait(2, timeout=30)
-    finally:
-        untrace()
+    _wait_interrupted_at(ring, ring_module.Ring._consume, "if res >= 0 or -res in op._ok_errnos", 2)
     interrupted = op if op._res is not None else other  # the one the loop was recording
     assert interrupted._res is not None and not interrupted.done()
     assert interrupted.state is saferring.OpState.SUBMITTED
@@ -580,13 +579,7 @@ def test_interrupted_final_cqe_of_a_multishot_ends_its_iteration_with_the_cancel
     poll = ring.poll_add(r, select.POLLIN, multishot=True)
     ring.submit()
     poll.cancel()
-    untrace = _raise_in(ring_module.Ring._finish, "if op._rearms and op._rearm(self)",
-                        KeyboardInterrupt)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            ring.wait(1, timeout=30)
-    finally:
-        untrace()
+    _wait_interrupted_at(ring, ring_module.Ring._finish, "if op._rearms and op._rearm(self)", 1)
     assert poll._res is not None and not poll.done() and ring.stats().in_flight == 1
     with pytest.raises(saferring.OperationCancelledError):
         list(poll)
@@ -617,13 +610,8 @@ def test_interrupted_record_survives_cancelling_a_receive_that_waits_for_a_buffe
             read = ring.read(r, buf)
             ring.submit()
             os.write(w, b"after")
-            untrace = _raise_in(ring_module.Ring._consume,
-                                "if res >= 0 or -res in op._ok_errnos", KeyboardInterrupt)
-            try:
-                with pytest.raises(KeyboardInterrupt):
-                    ring.wait(1, timeout=30)
-            finally:
-                untrace()
+            _wait_interrupted_at(ring, ring_module.Ring._consume,
+                                 "if res >= 0 or -res in op._ok_errnos", 1)
             assert read._res is not None and not read.done()
             recv.cancel()  # ends at once (nothing in the kernel): must not lose the read
             assert read.done() and recv.done()

@@ -147,12 +147,13 @@ class Operation(Generic[T]):
 
     def done(self) -> bool:
         """True once the final CQE has arrived (the operation is completed, failed or cancelled)."""
-        # Not _res alone: the completion loop stores _res first (the record that recovery
+        # The state, not _res: the completion loop stores _res first (the record that recovery
         # finds) and the terminal state next.  On CPython 3.10 a signal handler can raise
         # between the two; until the ring's next call applies the state, the operation is not
-        # done yet (result() would refuse), and its pins are still held.
+        # done yet (result() would refuse), and its pins are still held.  (A terminal state
+        # is only ever set after _res.)
         state = self._state
-        return self._res is not None and state is not QUEUED and state is not SUBMITTED
+        return state is not QUEUED and state is not SUBMITTED
 
     @property
     def cancel_requested(self) -> bool:

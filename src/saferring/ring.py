@@ -1189,10 +1189,9 @@ class Ring(FileOps, NetOps, EventOps, Registration, BufferOps):
             raise OperationStateError("the operation belongs to another ring")
         if op._res is None and op.user_data not in self._registry:
             raise OperationStateError(f"{op._what()} was never submitted on this ring")
-        if self._driver is not None and (
-                op._res is None or op._state is _QUEUED or op._state is _SUBMITTED):
+        if self._driver is not None and (op._state is _QUEUED or op._state is _SUBMITTED):
             raise self._driven("run()")
-        while op._res is None or op._state is _QUEUED or op._state is _SUBMITTED:
+        while op._state is _QUEUED or op._state is _SUBMITTED:  # not op.done() (inlined)
             # (_res set without a terminal state: its recording was interrupted.  That leaves a
             # backlog, and the next _reap finishes it without waiting; without one, it is
             # finished here rather than waited for.)

@@ -306,8 +306,7 @@ static int sr_submit_before_chain(sr_ring *r)
         while (io_uring_smp_load_acquire(sq->khead) != start) {
             sched_yield();
             clock_gettime(CLOCK_MONOTONIC, &now);
-            if (now.tv_sec - t0.tv_sec > 1 ||
-                (now.tv_sec - t0.tv_sec == 1 && now.tv_nsec >= t0.tv_nsec))
+            if ((now.tv_sec - t0.tv_sec) * 1000000000L + (now.tv_nsec - t0.tv_nsec) >= 1000000000L)
                 break;
         }
     }

@@ -128,19 +128,19 @@ def _new_ring(entries: int, options: dict[str, Any]) -> Ring:
                             else {"coop_taskrun": True})
     big_cq: dict[str, Any] = ({"cq_entries": _CQ_ENTRIES} if "cq_entries" not in options
                               and type(entries) is int and 0 < entries * 2 < _CQ_ENTRIES else {})
-    attempts: list[dict[str, Any]] = [{**coop, **big_cq}, big_cq, coop, {}]
-    attempts = [a for i, a in enumerate(attempts) if a not in attempts[:i]]
-    for i, extra in enumerate(attempts):
-        last = i == len(attempts) - 1
+    tried: list[dict[str, Any]] = []
+    for extra in ({**coop, **big_cq}, big_cq, coop):
+        if not extra or extra in tried:
+            continue
+        tried.append(extra)
         try:
             return Ring(entries, **options, **extra)
         except UnsupportedOperationError:
-            if last:
-                raise
+            pass
         except OSError as exc:
-            if last or exc.errno != errno.ENOMEM or "cq_entries" not in extra:
+            if exc.errno != errno.ENOMEM or "cq_entries" not in extra:
                 raise
-    raise AssertionError("unreachable")  # the last attempt returns or raises
+    return Ring(entries, **options)
 
 
 def _ident(fd: int) -> tuple[int, int]:
@@ -343,7 +343,7 @@ class AsyncRing:
                         *args: Any) -> Any:
         """Submit ``op`` (unless it is already done), wait for its final CQE, return its result."""
         self._submit_soon(op)
-        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
+        if op._state is QUEUED or op._state is SUBMITTED:  # not done() (inlined)
             await self._until_done(op, salvage, args)
         return op.result()
 
@@ -354,7 +354,7 @@ class AsyncRing:
         If the task is cancelled meanwhile, ``salvage(self, op, *args)`` runs once the operation
         has ended (at once if it already has); ``cancel=False`` lets the request run to its end
         instead of asking the kernel to cancel it."""
-        while op._res is None or op._state is QUEUED or op._state is SUBMITTED:
+        while op._state is QUEUED or op._state is SUBMITTED:  # not done()
             if op._res is not None:
                 # Its final CQE was being recorded when an exception (a signal handler's)
                 # interrupted the completion loop: the next poll finishes it, then wakes us.
@@ -684,7 +684,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
+        if op._state is QUEUED or op._state is SUBMITTED:  # not done() (inlined)
             await self._until_done(op, _salvage_stream if offset == -1 else None, (fd, buffer))
         return op.result()
 
@@ -706,7 +706,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
+        if op._state is QUEUED or op._state is SUBMITTED:  # not done() (inlined)
             await self._until_done(op, _salvage_stream, (fd, buffer))
         return op.result()
 
@@ -734,7 +734,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
+        if op._state is QUEUED or op._state is SUBMITTED:  # not done() (inlined)
             await self._until_done(op, None, ())
         return op.result()
 
@@ -749,7 +749,7 @@ class AsyncRing:
                 self._inline_missed()
         else:
             self._schedule()
-        if op._res is None or op._state is QUEUED or op._state is SUBMITTED:  # (see done())
+        if op._state is QUEUED or op._state is SUBMITTED:  # not done() (inlined)
             await self._until_done(op, None, ())
         return op.result()
 
